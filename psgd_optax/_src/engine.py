@@ -1,0 +1,199 @@
+"""The one gradient transformation every PSGD family is built on.
+
+Per step, for a params-shaped tree of gradients:
+
+1. Draw the update coin and probes from ``fold_in(key(seed), count)`` (identical on every
+   replica). The first step always fits, so ``Q`` starts at the data's scale.
+2. On fitting steps only (inside ``lax.cond``): get the curvature pair ``(v, h)`` of every
+   leaf from the curvature source (computing Hessian-vector products there, if asked),
+   set ``Q``'s scale from the first usable pair when ``init_scale=None``, and move each
+   leaf's ``Q`` one normalized step on its group.
+3. Return ``P g`` for every leaf, in the dtype the gradient came in.
+
+A step whose gradients or pair are not all finite leaves every ``Q`` unchanged, as does a
+step that would make a ``Q`` non-finite; ``Q`` never holds NaN/Inf. The engine knows
+groups only through :class:`~psgd_optax._src.groups.base.Group`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from psgd_optax._src import curvature as curvature_lib
+from psgd_optax._src.groups.base import GroupForShape
+from psgd_optax._src.schedules import update_probability_schedule
+from psgd_optax._src.validation import check_number
+
+ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
+
+
+class PSGDState(NamedTuple):
+  """State of a PSGD preconditioner.
+
+  Attributes:
+    count: number of ``update`` calls so far (int32).
+    preconditioner: a params-shaped tree; each leaf's entry is its group's state (for
+      ``kron``/``dense``/``diag`` a :class:`KronState` of factors and Lipschitz
+      estimates), in ``precond_dtype``.
+    scale_set: a params-shaped tree of booleans: whether that leaf's ``Q`` has had its
+      scale set (from ``init_scale`` or from the first usable curvature pair).
+  """
+
+  count: jax.Array
+  preconditioner: Any
+  scale_set: Any
+
+
+def _value_at(schedule_or_value, count):
+  return schedule_or_value(count) if callable(schedule_or_value) else schedule_or_value
+
+
+def _all_finite(leaves) -> jax.Array:
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(leaves)]
+  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Array:
+  """``mean(v²)^{1/4} · mean(h⁴)^{-1/8}``: makes ``P`` match ``|v| / |h|`` at once.
+
+  Computed after dividing ``h`` by its largest entry, so gradients of 1e-30 or 1e30
+  give a finite scale in float32.
+  """
+  peak = jnp.max(jnp.abs(h))
+  safe_peak = jnp.where(peak > 0, peak, 1.0)
+  fourth = jnp.mean((h / safe_peak) ** 4)
+  scale = fourth ** (-0.125) / jnp.sqrt(safe_peak)
+  if not integrate_probe:
+    scale = scale * jnp.mean(v * v) ** 0.25
+  return jnp.where(peak > 0, scale, jnp.inf)
+
+
+def check_engine_options(*, curvature, update_probability, precond_lr, init_scale,
+                         damping, precond_dtype, seed) -> None:
+  if curvature not in curvature_lib.CURVATURES:
+    raise ValueError(f"curvature must be one of {curvature_lib.CURVATURES}, "
+                     f"got {curvature!r}.")
+  check_number("update_probability", update_probability, low=0.0, high=1.0,
+               allow_callable=True, allow_none=True)
+  check_number("precond_lr", precond_lr, low=0.0, low_open=True, allow_callable=True)
+  check_number("init_scale", init_scale, low=0.0, low_open=True, allow_none=True)
+  check_number("damping", damping, low=0.0, allow_none=True)
+  check_number("seed", seed)
+  try:
+    dtype = np.dtype(precond_dtype)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"precond_dtype must be a floating dtype, got {precond_dtype!r}.")
+
+
+def preconditioner(
+    group_for_shape: GroupForShape,
+    *,
+    curvature: str = "whitening",
+    update_probability: ScalarOrSchedule | None = None,
+    precond_lr: ScalarOrSchedule = 0.1,
+    init_scale: float | None = None,
+    damping: float | None = None,
+    precond_dtype: Any = jnp.float32,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  """A PSGD preconditioner on the groups given by ``group_for_shape``.
+
+  This is the engine behind :func:`psgd_optax.kron`, :func:`psgd_optax.dense` and
+  :func:`psgd_optax.diag`; use it directly to plug in a group of your own. It returns the
+  preconditioned gradient ``P g`` (a direction, positive sign): chain it with
+  ``optax.scale(-learning_rate)`` or use :mod:`psgd_optax.optimizers`.
+
+  Args:
+    group_for_shape: maps a leaf's shape to a :class:`~psgd_optax._src.groups.base.Group`.
+    curvature: ``"whitening"`` (fit to gradients) or ``"newton"`` (fit to
+      Hessian-vector products from ``value_fn=`` or ``hvp=``/``vector=`` extra args).
+    update_probability: probability of fitting ``Q`` on a step, a float or a schedule of
+      the step count. ``None`` uses :func:`psgd_optax.update_probability_schedule`.
+    precond_lr: normalized step size of the fit, in (0, 1] typically; float or schedule.
+    init_scale: ``Q``'s initial scale; ``None`` sets it from the first curvature pair.
+    damping: relative damping ``λ`` of the pair (see :mod:`psgd_optax._src.curvature`);
+      ``None`` gives 1e-6 for whitening and 0 for Newton.
+    precond_dtype: dtype of ``Q`` and of the fit (float32 by default, whatever the
+      params' dtype).
+    seed: seed of the probes and of the update coin.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
+    ``(updates, state, params=None, *, value_fn=None, hvp=None, vector=None,
+    **extra_args)``.
+  """
+  check_engine_options(curvature=curvature, update_probability=update_probability,
+                       precond_lr=precond_lr, init_scale=init_scale, damping=damping,
+                       precond_dtype=precond_dtype, seed=seed)
+  if update_probability is None:
+    update_probability = update_probability_schedule()
+  source = curvature_lib.make_curvature(curvature, damping)
+  dtype = jnp.dtype(precond_dtype)
+
+  def init_fn(params):
+    def init_leaf(leaf):
+      group = group_for_shape(tuple(leaf.shape))
+      return group.init(1.0 if init_scale is None else init_scale, dtype)
+
+    return PSGDState(
+        count=jnp.zeros([], jnp.int32),
+        preconditioner=jax.tree.map(init_leaf, params),
+        scale_set=jax.tree.map(lambda _: jnp.asarray(init_scale is not None), params),
+    )
+
+  def update_fn(updates, state, params=None, *, value_fn=None, hvp=None, vector=None,
+                **extra_args):
+    del extra_args  # other transformations' arguments
+    curvature_args = {"value_fn": value_fn, "hvp": hvp, "vector": vector}
+    source.check_args(params, curvature_args)
+    leaves, treedef = jax.tree.flatten(updates)
+    groups = [group_for_shape(tuple(leaf.shape)) for leaf in leaves]
+    grads = [leaf.astype(dtype) for leaf in leaves]
+    q_leaves = treedef.flatten_up_to(state.preconditioner)
+    set_leaves = treedef.flatten_up_to(state.scale_set)
+
+    key = jax.random.fold_in(jax.random.key(seed), state.count)
+    coin_key, probe_key = jax.random.split(key)
+    probability = _value_at(update_probability, state.count)
+    fit_now = (state.count == 0) | (jax.random.uniform(coin_key) < probability)
+    lr = jnp.asarray(_value_at(precond_lr, state.count), dtype)
+
+    def fit(carry):
+      q_old, scale_set = carry
+      pair = source.pair(probe_key, grads, params, treedef, dtype, curvature_args)
+      finite = _all_finite([grads, pair.vectors, pair.products])
+      q_new, set_new = [], []
+      for group, q, was_set, v, h in zip(groups, q_old, scale_set, pair.vectors,
+                                         pair.products):
+        scale = _initial_scale(v, h, pair.integrate_probe)
+        usable = finite & jnp.any(h != 0) & (was_set | (jnp.isfinite(scale) & (scale > 0)))
+        safe_scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+        q_start = optax.tree.where(was_set, q, group.init(safe_scale, dtype))
+        q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
+        moved_ok = usable & _all_finite(q_moved)
+        q_new.append(optax.tree.where(
+            moved_ok, q_moved, optax.tree.where(usable, q_start, q)))
+        set_new.append(was_set | usable)
+      return q_new, set_new
+
+    q_leaves, set_leaves = jax.lax.cond(fit_now, fit, lambda carry: carry,
+                                        (q_leaves, set_leaves))
+    preconditioned = [
+        group.precondition(q, g).astype(leaf.dtype)
+        for group, q, g, leaf in zip(groups, q_leaves, grads, leaves)
+    ]
+    new_state = PSGDState(
+        count=optax.safe_increment(state.count),
+        preconditioner=treedef.unflatten(q_leaves),
+        scale_set=treedef.unflatten(set_leaves),
+    )
+    return treedef.unflatten(preconditioned), new_state
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

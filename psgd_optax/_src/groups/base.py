@@ -1,0 +1,35 @@
+"""The protocol every Lie group implements; the engine knows groups only through it."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Protocol, Sequence
+
+import jax
+
+QState = Any  # a pytree of arrays
+
+
+class Group(Protocol):
+  """A matrix Lie group for the factor ``Q`` of ``P = QᵀQ`` over one leaf.
+
+  Implementations are small frozen dataclasses built from the leaf's (static) shape.
+  """
+
+  def init(self, scale, dtype) -> QState:
+    """``Q = scale · I`` (``scale`` may be traced); works on abstract shapes."""
+
+  def precondition(self, q: QState, g: jax.Array) -> jax.Array:
+    """``P g = QᵀQ g`` for a leaf-shaped ``g``."""
+
+  def update(self, q: QState, v: jax.Array, h: jax.Array, lr, *,
+             integrate_probe: bool) -> QState:
+    """One normalized relative-gradient step of ``Q`` towards fitting the pair ``(v, h)``.
+
+    ``integrate_probe`` says the ``vvᵀ`` term may be replaced by its expectation.
+    """
+
+  def materialize(self, q: QState) -> jax.Array:
+    """The dense ``P`` (``numel × numel``, row-major flattening); for tests and plots."""
+
+
+GroupForShape = Callable[[Sequence[int]], Group]

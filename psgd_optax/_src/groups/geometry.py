@@ -1,0 +1,112 @@
+r"""How a factor of ``Q`` moves on its group (the ``geometry=`` option).
+
+Every geometry fits the same criterion ``E[hᵀPh + vᵀP⁻¹v]`` with ``P = QᵀQ`` and has the
+same fixed point ``P E[hhᵀ] P = E[vvᵀ]`` (so ``P → |H|⁻¹`` for Newton pairs and
+``P → C^{-1/2}`` for whitening pairs). They differ in the tangent direction they take:
+
+``"eq"``
+  The papers' rule (Li, 2019, eq. 19–20): ``dQ = E Q`` with ``E`` upper triangular,
+
+  .. math:: Q \leftarrow Q - \tfrac{\mu}{L}\,\mathrm{triu}(a a^\top - b b^\top)\,Q,
+            \quad a = Q h,\; b = Q^{-\top} v,
+
+  which keeps ``Q`` upper triangular and needs a triangular solve for ``b``.
+``"q0.5eq1.5"`` (default)
+  ``dQ = Q^{1/2} E Q^{3/2}`` for symmetric positive definite ``Q``. The relative gradient is
+  then inverse-free:
+
+  .. math:: Q \leftarrow Q - \tfrac{\mu}{L}\,(P h h^\top P - v v^\top)\,Q,
+
+  followed by one step of an online orthogonal Procrustes solver that rotates ``Q`` back
+  towards the SPD cone (the rotation leaves ``QᵀQ`` unchanged).
+``"quad"``
+  The same inverse-free direction applied as a symmetric quadratic form,
+  ``Q ← (I − μE/2L) Q (I − μE/2L)``, which keeps ``Q`` SPD without a Procrustes step.
+
+For diagonal factors all three coincide to first order; ``"quad"`` uses the squared gain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from psgd_optax._src.normalize import spectral_norm_lower_bound
+
+GEOMETRIES = ("q0.5eq1.5", "eq", "quad")
+
+
+def procrustes_step(q: jax.Array, max_step: float = 0.125) -> jax.Array:
+  """One step of an online solver for ``min_U ‖U Q − I‖_F`` over rotations ``U``.
+
+  Rotates ``Q`` by ``exp(aR) ≈ I + aR + a²R²/2`` with the skew generator ``R = Qᵀ − Q``
+  (normalized) and a line-searched ``a ≤ max_step``. Rotations leave ``QᵀQ`` unchanged,
+  so the preconditioner is untouched while ``Q`` drifts back towards symmetric.
+
+  Args:
+    q: a square matrix, near symmetric positive definite.
+    max_step: the largest rotation angle (keep ≤ 1/4: the exponential is expanded to
+      second order).
+
+  Returns:
+    The rotated matrix.
+  """
+  tiny = jnp.finfo(q.dtype).tiny
+  generator = q.T - q
+  generator = generator / (spectral_norm_lower_bound(generator) + tiny)
+  rq = generator @ q
+  rrq = generator @ rq
+  slope = jnp.trace(rq)  # ≥ 0 in exact arithmetic: tr(QᵀQ) ≥ tr(Q²)
+  curvature = jnp.trace(rrq)
+  concave = curvature < 0
+  best = -slope / jnp.where(concave, curvature, -1.0)
+  angle = jnp.where(concave, jnp.minimum(best, max_step), max_step)
+  angle = jnp.where(slope > 0, angle, 0.0).astype(q.dtype)
+  return q + angle * (rq + 0.5 * angle * rrq)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """A way of moving ``Q``; see the module docstring for the math.
+
+  Attributes:
+    name: one of ``GEOMETRIES``.
+    uses_inverse: whether the fit uses ``(Q h, Q⁻ᵀ v)`` (the ``"eq"`` rule) rather than
+      the inverse-free ``(P h, v)``.
+  """
+
+  name: str
+
+  @property
+  def uses_inverse(self) -> bool:
+    return self.name == "eq"
+
+  @property
+  def keeps_triangular(self) -> bool:
+    return self.name == "eq"
+
+  def dense_step(self, q: jax.Array, direction: jax.Array, step) -> jax.Array:
+    """Moves a dense factor against the relative gradient ``direction``."""
+    if self.name == "eq":
+      return q - step * (jnp.triu(direction) @ q)
+    if self.name == "quad":
+      half = 0.5 * step
+      moved = q - half * (direction @ q)
+      moved = moved - half * (moved @ direction)
+      return 0.5 * (moved + moved.T)
+    return procrustes_step(q - step * (direction @ q))
+
+  def diagonal_step(self, d: jax.Array, direction: jax.Array, step) -> jax.Array:
+    """Moves a diagonal factor against ``direction``; stays positive for ``step·|E| < 1``."""
+    if self.name == "quad":
+      gain = 1 - 0.5 * step * direction
+      return d * gain * gain
+    return d - step * direction * d
+
+
+def get_geometry(name: str) -> Geometry:
+  if name not in GEOMETRIES:
+    raise ValueError(f"geometry must be one of {GEOMETRIES}, got {name!r}.")
+  return Geometry(name)

@@ -1,0 +1,252 @@
+r"""Kronecker-product groups: ``Q = Q₁ ⊗ Q₂ ⊗ … ⊗ Q_k``, one factor per axis.
+
+For a leaf ``G`` of shape ``(n₁, …, n_k)`` (size-1 axes squeezed away), ``P = QᵀQ`` acts as
+
+.. math:: P\,G = G \times_1 Q_1^\top Q_1 \times_2 Q_2^\top Q_2 \cdots \times_k Q_k^\top Q_k,
+
+where :math:`\times_i` multiplies along axis ``i``. Every factor is fitted from the partial
+second moments of the transformed pair over the other axes,
+``T1_i = tr_{j≠i}[x xᵀ]`` and ``T2_i = tr_{j≠i}[y yᵀ]`` (``x = P h, y = v`` for the
+inverse-free geometries; ``x = Q h, y = Q⁻ᵀ v`` for ``"eq"``), and moves by
+``μ/L_i·(T1_i − T2_i)`` in the chosen geometry. At the fixed point ``P H² P = I`` for a
+Kronecker ``H``. Factor norms are balanced after every fit (their product is unchanged).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from psgd_optax._src import engine
+from psgd_optax._src.groups.factors import FACTOR_KINDS, DenseFactor, DiagonalFactor
+from psgd_optax._src.groups.geometry import GEOMETRIES, Geometry, get_geometry
+from psgd_optax._src.normalize import lipschitz_update, safe_step
+from psgd_optax._src.validation import check_choice, check_number
+
+MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
+
+
+class KronState(NamedTuple):
+  """``Q``'s factors (``n×n`` matrices or length-``n`` vectors) and their Lipschitz
+  estimates (one per factor)."""
+
+  factors: tuple
+  lipschitz: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class KronGroup:
+  """A product of per-axis factors over a leaf reshaped to ``core_shape``.
+
+  ``dense`` and ``diag`` are this group with one factor over the flattened leaf.
+
+  Attributes:
+    shape: the leaf's shape.
+    factors: one factor per axis of the core shape (``factor.size`` each).
+    geometry: how the factors move.
+    lipschitz_decay: decay of the step normalizer's moving estimate.
+  """
+
+  shape: tuple[int, ...]
+  factors: tuple[Any, ...]
+  geometry: Geometry
+  lipschitz_decay: Any = 0.9
+
+  @property
+  def core_shape(self) -> tuple[int, ...]:
+    return tuple(f.size for f in self.factors)
+
+  def init(self, scale, dtype) -> KronState:
+    per_factor = jnp.asarray(scale, dtype) ** (1.0 / len(self.factors))
+    return KronState(
+        factors=tuple(f.identity(per_factor, dtype) for f in self.factors),
+        lipschitz=jnp.zeros((len(self.factors),), dtype),
+    )
+
+  def _apply_q(self, q: KronState, x, transpose=False):
+    for axis, (factor, matrix) in enumerate(zip(self.factors, q.factors)):
+      x = factor.apply(matrix, x, axis, transpose=transpose)
+    return x
+
+  def _precondition_core(self, q: KronState, x):
+    return self._apply_q(q, self._apply_q(q, x), transpose=True)
+
+  def precondition(self, q: KronState, g):
+    return self._precondition_core(q, g.reshape(self.core_shape)).reshape(g.shape)
+
+  def update(self, q: KronState, v, h, lr, *, integrate_probe: bool) -> KronState:
+    h = h.reshape(self.core_shape)
+    v = v.reshape(self.core_shape)
+    numel = math.prod(self.core_shape)
+    if self.geometry.uses_inverse:
+      fitted = self._apply_q(q, h)
+      probe = v
+      for axis, (factor, matrix) in enumerate(zip(self.factors, q.factors)):
+        probe = factor.solve_transpose(matrix, probe, axis)
+      probe_moments = [f.second_moment(probe, i) for i, f in enumerate(self.factors)]
+    else:
+      fitted = self._precondition_core(q, h)
+      if integrate_probe:
+        probe_moments = [jnp.asarray(numel / f.size, h.dtype) for f in self.factors]
+      else:
+        probe_moments = [f.second_moment(v, i) for i, f in enumerate(self.factors)]
+
+    new_factors, new_lipschitz = [], []
+    for axis, factor in enumerate(self.factors):
+      t1 = factor.second_moment(fitted, axis)
+      t2 = probe_moments[axis]
+      lipschitz = lipschitz_update(q.lipschitz[axis], factor.norm_bound(t1, t2),
+                                   self.lipschitz_decay)
+      step = safe_step(lr, lipschitz)
+      new_factors.append(factor.step(q.factors[axis], t1, t2, step, self.geometry))
+      new_lipschitz.append(lipschitz)
+    return KronState(tuple(self._balance(new_factors)), jnp.stack(new_lipschitz))
+
+  def _balance(self, matrices):
+    """Rescales factors to equal max-abs (their product is unchanged)."""
+    if len(matrices) < 2:
+      return matrices
+    norms = jnp.stack([f.max_abs(m) for f, m in zip(self.factors, matrices)])
+    ok = jnp.all(norms > 0)
+    safe = jnp.where(ok, norms, 1.0)
+    target = jnp.exp(jnp.mean(jnp.log(safe)))
+    return [m * jnp.where(ok, target / n, 1.0) for m, n in zip(matrices, safe)]
+
+  def materialize(self, q: KronState) -> jax.Array:
+    blocks = [f.matrix(m).T @ f.matrix(m) for f, m in zip(self.factors, q.factors)]
+    return functools.reduce(jnp.kron, blocks)
+
+
+def factor_kinds(shape: Sequence[int], *, max_size=8192, max_skew=4.0,
+                 memory_save_mode=None) -> tuple[str, ...]:
+  """Which factor each (squeezed) axis of a leaf gets.
+
+  An axis of size ``n`` gets a ``"dense"`` factor when ``1 < n ≤ max_size`` and
+  ``n² ≤ max_skew · numel`` (the factor costs at most ``max_skew`` times the leaf's own
+  memory); otherwise ``"diagonal"``. ``memory_save_mode="one_diag"`` makes the largest
+  axis diagonal, ``"all_diag"`` every axis. Size-1 axes are squeezed; a leaf with no
+  axis left (a scalar) gets one diagonal factor of size 1.
+
+  Example:
+    >>> from psgd_optax._src.groups.kron import factor_kinds
+    >>> factor_kinds((512, 1024)), factor_kinds((512, 10)), factor_kinds((300,))
+    (('dense', 'dense'), ('diagonal', 'dense'), ('diagonal',))
+  """
+  core = [n for n in shape if n > 1] or [1]
+  numel = math.prod(core)
+  kinds = ["dense" if 1 < n <= max_size and n * n <= max_skew * numel else "diagonal"
+           for n in core]
+  if memory_save_mode == "all_diag":
+    kinds = ["diagonal"] * len(core)
+  elif memory_save_mode == "one_diag":
+    kinds[max(range(len(core)), key=lambda i: core[i])] = "diagonal"
+  return tuple(kinds)
+
+
+def kron_group(shape, *, max_size=8192, max_skew=4.0, memory_save_mode=None,
+               geometry="q0.5eq1.5", lipschitz_decay=0.9, kinds=None) -> KronGroup:
+  """The Kronecker group for a leaf of ``shape`` (``kinds`` overrides the factor choice)."""
+  core = [n for n in shape if n > 1] or [1]
+  if kinds is None:
+    kinds = factor_kinds(shape, max_size=max_size, max_skew=max_skew,
+                         memory_save_mode=memory_save_mode)
+  if len(kinds) != len(core):
+    raise ValueError(f"need one factor kind per axis of size > 1 of {tuple(shape)}, "
+                     f"got {tuple(kinds)}.")
+  for kind in kinds:
+    check_choice("factor kind", kind, tuple(FACTOR_KINDS))
+  factors = tuple(FACTOR_KINDS[k](n) for k, n in zip(kinds, core))
+  return KronGroup(tuple(shape), factors, get_geometry(geometry), lipschitz_decay)
+
+
+def check_group_options(geometry, lipschitz_decay) -> None:
+  check_choice("geometry", geometry, GEOMETRIES)
+  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
+
+
+def kron(
+    *,
+    max_size: int = 8192,
+    max_skew: float = 4.0,
+    memory_save_mode: str | None = None,
+    geometry: str = "q0.5eq1.5",
+    curvature: str = "whitening",
+    update_probability: engine.ScalarOrSchedule | None = None,
+    precond_lr: engine.ScalarOrSchedule = 0.1,
+    init_scale: float | None = None,
+    damping: float | None = None,
+    lipschitz_decay: float = 0.9,
+    precond_dtype: Any = jnp.float32,
+    seed: int = 0,
+) -> optax.GradientTransformationExtraArgs:
+  r"""PSGD with a Kronecker-product preconditioner per leaf.
+
+  For a leaf of shape ``(n₁, …, n_k)``, ``Q = Q₁ ⊗ … ⊗ Q_k`` with a dense or diagonal
+  factor per axis, fitted online so that
+
+  .. math::
+    P = Q^\top Q \;\to\; \arg\min_P\; \mathbb{E}[h^\top P h + v^\top P^{-1} v],
+    \qquad P\,\mathbb{E}[h h^\top]\,P = \mathbb{E}[v v^\top],
+
+  i.e. ``P → |H|⁻¹`` for Newton pairs ``h = Hv`` and ``P → C^{-1/2}`` for whitening
+  pairs ``h = g`` with ``C = E[ggᵀ]``. Returns ``P g`` (chain with
+  ``optax.scale(-learning_rate)``, or use :func:`psgd_optax.optimizers.kron`).
+
+  Args:
+    max_size: axes longer than this get a diagonal factor.
+    max_skew: an axis of size ``n`` gets a dense factor only if ``n² ≤ max_skew·numel``.
+    memory_save_mode: ``None``, ``"one_diag"`` (largest axis diagonal) or ``"all_diag"``.
+    geometry: ``"q0.5eq1.5"`` (default, inverse-free, ``Q`` kept SPD), ``"eq"`` (the
+      papers' triangular rule) or ``"quad"``; see :mod:`psgd_optax._src.groups.geometry`.
+    curvature: ``"whitening"`` or ``"newton"`` (needs ``value_fn=`` or
+      ``hvp=``/``vector=`` in ``update``).
+    update_probability: probability of fitting ``Q`` on a step (float or schedule);
+      ``None`` anneals from 1 to 0.03 (:func:`psgd_optax.update_probability_schedule`).
+    precond_lr: normalized step size of the fit (float or schedule).
+    init_scale: initial scale of ``Q``; ``None`` sets it from the first pair.
+    damping: relative damping; ``None`` gives 1e-6 (whitening) or 0 (Newton).
+    lipschitz_decay: decay of the Lipschitz estimate that normalizes fit steps.
+    precond_dtype: dtype of ``Q`` and the fit (default float32).
+    seed: seed for probes and the update coin.
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs`.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import psgd_optax as psgd
+    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
+    >>> loss = lambda p: jnp.sum((p["w"] @ jnp.ones(4) - 1.0) ** 2) + jnp.sum(p["b"] ** 2)
+    >>> tx = optax.chain(psgd.kron(), optax.scale(-0.1))
+    >>> state = tx.init(params)
+    >>> grads = jax.grad(loss)(params)
+    >>> updates, state = tx.update(grads, state, params)
+    >>> jax.tree.map(jnp.shape, updates)
+    {'b': (4,), 'w': (3, 4)}
+
+  References:
+    Li, *Preconditioned stochastic gradient descent*, IEEE TNNLS 2018.
+    Li, *Preconditioner on matrix Lie group for SGD*, ICLR 2019.
+  """
+  check_number("max_size", max_size, low=1.0)
+  check_number("max_skew", max_skew, low=0.0, low_open=True)
+  check_choice("memory_save_mode", memory_save_mode, MEMORY_SAVE_MODES)
+  check_group_options(geometry, lipschitz_decay)
+  group_for_shape = functools.partial(
+      kron_group, max_size=max_size, max_skew=max_skew,
+      memory_save_mode=memory_save_mode, geometry=geometry,
+      lipschitz_decay=lipschitz_decay)
+  return engine.preconditioner(
+      group_for_shape, curvature=curvature, update_probability=update_probability,
+      precond_lr=precond_lr, init_scale=init_scale, damping=damping,
+      precond_dtype=precond_dtype, seed=seed)
+
+
+__all__ = ["KronGroup", "KronState", "kron", "kron_group", "factor_kinds",
+           "DenseFactor", "DiagonalFactor"]

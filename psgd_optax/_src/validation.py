@@ -1,0 +1,64 @@
+"""Construction-time checks of hyperparameters.
+
+Values traced by ``optax.inject_hyperparams`` (or any ``jit``) cannot be inspected, so
+they are passed through; every concrete Python or NumPy number is checked and a
+``ValueError`` names the offending value.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+
+def concrete_float(value: Any) -> float | None:
+  """The value as a Python float, or ``None`` if it is traced (not inspectable)."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  try:
+    return float(np.asarray(value))
+  except (TypeError, ValueError):
+    return None
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    allow_callable: bool = False,
+    allow_none: bool = False,
+) -> None:
+  """Raises ``ValueError`` unless ``value`` is a finite number in the given range."""
+  if value is None:
+    if allow_none:
+      return
+    raise ValueError(f"{name} must be a number, got None.")
+  if callable(value):
+    if allow_callable:
+      return
+    raise ValueError(f"{name} must be a number, got the callable {value!r}.")
+  if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar number, got {value!r}.")
+  number = concrete_float(value)
+  if number is None:
+    return
+  if not math.isfinite(number):
+    raise ValueError(f"{name} must be finite, got {value!r}.")
+  if low is not None and (number < low or (low_open and number == low)):
+    bound = ">" if low_open else ">="
+    raise ValueError(f"{name} must be {bound} {low}, got {value!r}.")
+  if high is not None and (number > high or (high_open and number == high)):
+    bound = "<" if high_open else "<="
+    raise ValueError(f"{name} must be {bound} {high}, got {value!r}.")
+
+
+def check_choice(name: str, value: Any, choices) -> None:
+  if value not in choices:
+    raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
