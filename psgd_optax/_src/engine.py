@@ -17,6 +17,7 @@ groups only through :class:`~psgd_optax._src.groups.base.Group`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
@@ -151,8 +152,16 @@ def preconditioner(
   def update_fn(updates, state, params=None, *, value_fn=None, hvp=None, vector=None,
                 **extra_args):
     del extra_args  # other transformations' arguments
+    source.check_args(params, {"value_fn": value_fn, "hvp": hvp, "vector": vector})
+    return compiled_update(updates, state, params, value_fn=value_fn, hvp=hvp,
+                           vector=vector)
+
+  # Jitted so that eager callers (notebooks, doctests) compile the lax.cond once rather
+  # than on every call; inside a caller's jit it is inlined. value_fn is static (it is
+  # a function), so a new closure per eager step recompiles, as any eager JAX code does.
+  @functools.partial(jax.jit, static_argnames=("value_fn",))
+  def compiled_update(updates, state, params, *, value_fn, hvp, vector):
     curvature_args = {"value_fn": value_fn, "hvp": hvp, "vector": vector}
-    source.check_args(params, curvature_args)
     leaves, treedef = jax.tree.flatten(updates)
     groups = [group_for_shape(tuple(leaf.shape)) for leaf in leaves]
     grads = [leaf.astype(dtype) for leaf in leaves]
