@@ -59,6 +59,12 @@ def _all_finite(leaves) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
+def _rebuild(group, state_leaves):
+  """The group's state with the given leaves, in the group's own containers."""
+  structure = jax.tree.structure(jax.eval_shape(lambda: group.init(1.0, jnp.float32)))
+  return jax.tree.unflatten(structure, state_leaves)
+
+
 def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Array:
   """``mean(v²)^{1/4} · mean(h⁴)^{-1/8}``: makes ``P`` match ``|v| / |h|`` at once.
 
@@ -85,6 +91,10 @@ def check_engine_options(*, curvature, update_probability, precond_lr, init_scal
   check_number("init_scale", init_scale, low=0.0, low_open=True, allow_none=True)
   check_number("damping", damping, low=0.0, allow_none=True)
   check_number("seed", seed)
+  if callable(precond_dtype) and not isinstance(precond_dtype, type):
+    raise ValueError(
+        f"precond_dtype must be a dtype or its name, got {precond_dtype!r} (with "
+        "optax.inject_hyperparams pass it by name, e.g. precond_dtype='float64').")
   try:
     dtype = np.dtype(precond_dtype)
   except TypeError:
@@ -101,7 +111,7 @@ def preconditioner(
     precond_lr: ScalarOrSchedule = 0.1,
     init_scale: float | None = None,
     damping: float | None = None,
-    precond_dtype: Any = jnp.float32,
+    precond_dtype: Any = "float32",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
@@ -112,7 +122,9 @@ def preconditioner(
   ``optax.scale(-learning_rate)`` or use :mod:`psgd_optax.optimizers`.
 
   Args:
-    group_for_shape: maps a leaf's shape to a :class:`~psgd_optax._src.groups.base.Group`.
+    group_for_shape: ``(shape, state_leaves=None) -> Group``: the group of a leaf; in
+      ``update`` it also gets the flat leaves of the leaf's group state, from which it
+      should read its structure.
     curvature: ``"whitening"`` (fit to gradients) or ``"newton"`` (fit to
       Hessian-vector products from ``value_fn=`` or ``hvp=``/``vector=`` extra args).
     update_probability: probability of fitting ``Q`` on a step, a float or a schedule of
@@ -121,8 +133,8 @@ def preconditioner(
     init_scale: ``Q``'s initial scale; ``None`` sets it from the first curvature pair.
     damping: relative damping ``λ`` of the pair (see :mod:`psgd_optax._src.curvature`);
       ``None`` gives 1e-6 for whitening and 0 for Newton.
-    precond_dtype: dtype of ``Q`` and of the fit (float32 by default, whatever the
-      params' dtype).
+    precond_dtype: dtype (or its name) of ``Q`` and of the fit (``"float32"`` by default,
+      whatever the params' dtype).
     seed: seed of the probes and of the update coin.
 
   Returns:
@@ -163,9 +175,13 @@ def preconditioner(
   def compiled_update(updates, state, params, *, value_fn, hvp, vector):
     curvature_args = {"value_fn": value_fn, "hvp": hvp, "vector": vector}
     leaves, treedef = jax.tree.flatten(updates)
-    groups = [group_for_shape(tuple(leaf.shape)) for leaf in leaves]
     grads = [leaf.astype(dtype) for leaf in leaves]
-    q_leaves = treedef.flatten_up_to(state.preconditioner)
+    # Each group's structure is read from its state's leaves (so structural options that
+    # inject_hyperparams traces are only used in init), and the state is rebuilt in the
+    # group's own containers: frameworks such as flax.nnx hand states back re-containered.
+    stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
+    groups = [group_for_shape(tuple(leaf.shape), q) for leaf, q in zip(leaves, stored)]
+    q_leaves = [_rebuild(group, q) for group, q in zip(groups, stored)]
     set_leaves = treedef.flatten_up_to(state.scale_set)
 
     key = jax.random.fold_in(jax.random.key(seed), state.count)

@@ -8,11 +8,13 @@ average ``m ← β m + (1 − β) P g`` (bias-corrected), not a sum.
 
 All are injectable: ``optax.inject_hyperparams(psgd.optimizers.kron)(learning_rate=...)``.
 Extra ``update`` arguments (``value_fn=``, ``hvp=``, ``vector=``) reach the preconditioner
-through ``optax.chain``.
+through ``optax.chain``. Each optimizer's signature is its own options followed by its
+preconditioner's (so ``inspect.signature`` and ``inject_hyperparams`` see them all).
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable
 
 import optax
@@ -22,21 +24,18 @@ from psgd_optax._src.groups.diag import diag as diag_preconditioner
 from psgd_optax._src.groups.kron import kron as kron_preconditioner
 from psgd_optax._src.validation import check_number
 
-
-def _chain(preconditioner, learning_rate, momentum, weight_decay, mask, max_update_rms):
-  check_number("learning_rate", learning_rate, low=0.0, allow_callable=True)
-  check_number("momentum", momentum, low=0.0, high=1.0, high_open=True)
-  check_number("weight_decay", weight_decay, low=0.0)
-  check_number("max_update_rms", max_update_rms, low=0.0, low_open=True, allow_none=True)
-  return optax.chain(
-      preconditioner,
-      optax.ema(momentum, debias=True),
-      optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None
-      else optax.identity(),
-      optax.add_decayed_weights(weight_decay, mask),
-      optax.scale_by_learning_rate(learning_rate),
-  )
-
+_OWN_OPTIONS = [
+    inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                      default=3e-4, annotation=optax.ScalarOrSchedule),
+    inspect.Parameter("momentum", inspect.Parameter.KEYWORD_ONLY, default=0.9,
+                      annotation=float),
+    inspect.Parameter("weight_decay", inspect.Parameter.KEYWORD_ONLY, default=0.0,
+                      annotation=float),
+    inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=Any | Callable | None),
+    inspect.Parameter("max_update_rms", inspect.Parameter.KEYWORD_ONLY, default=None,
+                      annotation=float | None),
+]
 
 _ARGS_DOC = """
   Args:
@@ -46,44 +45,55 @@ _ARGS_DOC = """
     mask: pytree of booleans (or a callable of the params) selecting the leaves to decay.
     max_update_rms: if set, clip each leaf's update to this RMS before the step size
       (``optax.clip_by_block_rms``); guards against an early, badly fitted ``P``.
-    **preconditioner_options: passed to the preconditioner ({name}); e.g.
-      ``curvature="newton"``, ``update_probability``, ``precond_lr``, ``geometry``.
+    **preconditioner_options: the options of {name} (``curvature``,
+      ``update_probability``, ``precond_lr``, ``geometry``, ...).
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs`.
 """
 
 
-def kron(learning_rate: optax.ScalarOrSchedule = 3e-4, momentum: float = 0.9,
-         weight_decay: float = 0.0, mask: Any | Callable | None = None,
-         max_update_rms: float | None = None,
-         **preconditioner_options) -> optax.GradientTransformationExtraArgs:
-  return _chain(kron_preconditioner(**preconditioner_options), learning_rate, momentum,
-                weight_decay, mask, max_update_rms)
+def _ready_optimizer(preconditioner_factory, name: str, summary: str, example: str):
+  """Builds ``name(learning_rate, *, momentum, ..., **preconditioner options)``."""
+  precond_parameters = list(inspect.signature(preconditioner_factory).parameters.values())
+  signature = inspect.Signature(_OWN_OPTIONS + precond_parameters,
+                                return_annotation=optax.GradientTransformationExtraArgs)
+  own_names = [p.name for p in _OWN_OPTIONS]
+
+  def optimizer(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    bound = signature.bind(*args, **kwargs)  # a TypeError names any unknown option
+    bound.apply_defaults()
+    options = dict(bound.arguments)
+    own = {key: options.pop(key) for key in own_names}
+    check_number("learning_rate", own["learning_rate"], low=0.0, allow_callable=True)
+    check_number("momentum", own["momentum"], low=0.0, high=1.0, high_open=True)
+    check_number("weight_decay", own["weight_decay"], low=0.0)
+    check_number("max_update_rms", own["max_update_rms"], low=0.0, low_open=True,
+                 allow_none=True)
+    clip = (optax.clip_by_block_rms(own["max_update_rms"])
+            if own["max_update_rms"] is not None else optax.identity())
+    return optax.chain(
+        preconditioner_factory(**options),
+        optax.ema(own["momentum"], debias=True),
+        clip,
+        optax.add_decayed_weights(own["weight_decay"], own["mask"]),
+        optax.scale_by_learning_rate(own["learning_rate"]),
+    )
+
+  optimizer.__signature__ = signature
+  optimizer.__name__ = optimizer.__qualname__ = name
+  optimizer.__module__ = "psgd_optax.optimizers"
+  optimizer.__doc__ = (summary + _ARGS_DOC.format(name=f":func:`psgd_optax.{name}`")
+                       + example)
+  return optimizer
 
 
-def dense(learning_rate: optax.ScalarOrSchedule = 3e-4, momentum: float = 0.9,
-          weight_decay: float = 0.0, mask: Any | Callable | None = None,
-          max_update_rms: float | None = None,
-          **preconditioner_options) -> optax.GradientTransformationExtraArgs:
-  return _chain(dense_preconditioner(**preconditioner_options), learning_rate, momentum,
-                weight_decay, mask, max_update_rms)
-
-
-def diag(learning_rate: optax.ScalarOrSchedule = 3e-4, momentum: float = 0.9,
-         weight_decay: float = 0.0, mask: Any | Callable | None = None,
-         max_update_rms: float | None = None,
-         **preconditioner_options) -> optax.GradientTransformationExtraArgs:
-  return _chain(diag_preconditioner(**preconditioner_options), learning_rate, momentum,
-                weight_decay, mask, max_update_rms)
-
-
-kron.__doc__ = """PSGD-Kron optimizer: :func:`psgd_optax.kron` + momentum + weight decay.
+kron = _ready_optimizer(kron_preconditioner, "kron", """PSGD-Kron optimizer: :func:`psgd_optax.kron` + momentum + weight decay.
 
   .. math::
     m_t = \\beta m_{t-1} + (1-\\beta) P_t g_t, \\qquad
     \\theta_{t+1} = \\theta_t - \\eta_t\\,(\\hat m_t + \\lambda_{wd}\\,\\theta_t)
-""" + _ARGS_DOC.format(name=":func:`psgd_optax.kron`") + """
+""", """
   Example:
     >>> import jax, jax.numpy as jnp, optax
     >>> import psgd_optax as psgd
@@ -96,28 +106,30 @@ kron.__doc__ = """PSGD-Kron optimizer: :func:`psgd_optax.kron` + momentum + weig
     ...   params = optax.apply_updates(params, updates)
     >>> bool(loss(params) < 1e-2)
     True
-"""
+""")
 
-dense.__doc__ = """PSGD optimizer with a dense preconditioner per leaf (:func:`psgd_optax.dense`).
-""" + _ARGS_DOC.format(name=":func:`psgd_optax.dense`") + """
+dense = _ready_optimizer(dense_preconditioner, "dense", """PSGD optimizer with a dense preconditioner per leaf (:func:`psgd_optax.dense`).
+""", """
   Example:
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> tx = psgd.optimizers.dense(learning_rate=1e-2, momentum=0.0)
-    >>> state = tx.init(jnp.zeros(3))
-    >>> updates, state = tx.update(jnp.array([1.0, 2.0, 3.0]), state)
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([1.0, 2.0, 3.0]), state, params)
     >>> updates.shape
     (3,)
-"""
+""")
 
-diag.__doc__ = """PSGD optimizer with a diagonal preconditioner per leaf (:func:`psgd_optax.diag`).
-""" + _ARGS_DOC.format(name=":func:`psgd_optax.diag`") + """
+diag = _ready_optimizer(diag_preconditioner, "diag", """PSGD optimizer with a diagonal preconditioner per leaf (:func:`psgd_optax.diag`).
+""", """
   Example:
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> tx = psgd.optimizers.diag(learning_rate=1e-2)
-    >>> state = tx.init(jnp.zeros(3))
-    >>> updates, state = tx.update(jnp.array([1.0, 2.0, 3.0]), state)
+    >>> params = jnp.zeros(3)
+    >>> state = tx.init(params)
+    >>> updates, state = tx.update(jnp.array([1.0, 2.0, 3.0]), state, params)
     >>> updates.shape
     (3,)
-"""
+""")

@@ -32,4 +32,7 @@ class Group(Protocol):
     """The dense ``P`` (``numel × numel``, row-major flattening); for tests and plots."""
 
 
-GroupForShape = Callable[[Sequence[int]], Group]
+# (shape, state_leaves=None) -> Group. ``init`` passes no state; ``update`` passes the
+# flat leaves of the leaf's state (jax.tree.leaves order) so that structure (e.g. which
+# Kron axes are dense) is read from the state itself, whatever containers hold it.
+GroupForShape = Callable[..., Group]

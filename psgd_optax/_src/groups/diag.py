@@ -34,7 +34,7 @@ def diag(
     init_scale: float | None = None,
     damping: float | None = None,
     lipschitz_decay: float = 0.9,
-    precond_dtype: Any = jnp.float32,
+    precond_dtype: Any = "float32",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""PSGD with a diagonal preconditioner per leaf.
@@ -71,7 +71,8 @@ def diag(
   """
   check_group_options(geometry, lipschitz_decay)
 
-  def group_for_shape(shape):
+  def group_for_shape(shape, state_leaves=None):
+    del state_leaves  # one factor over the flattened leaf: the shape fixes the structure
     return diag_group(shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
 
   return engine.preconditioner(

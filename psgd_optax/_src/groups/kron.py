@@ -34,7 +34,7 @@ MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 
 class KronState(NamedTuple):
   """``Q``'s factors (``n×n`` matrices or length-``n`` vectors) and their Lipschitz
-  estimates (one per factor)."""
+  estimates (one per factor). Flat leaves: ``[Q₁, …, Q_k, lipschitz]``."""
 
   factors: tuple
   lipschitz: jax.Array
@@ -165,6 +165,12 @@ def kron_group(shape, *, max_size=8192, max_skew=4.0, memory_save_mode=None,
   return KronGroup(tuple(shape), factors, get_geometry(geometry), lipschitz_decay)
 
 
+def state_factor_kinds(state_leaves) -> tuple[str, ...]:
+  """The factor kinds in a :class:`KronState`'s leaves ``[Q₁, …, Q_k, lipschitz]``:
+  matrices are dense factors, vectors diagonal ones."""
+  return tuple("dense" if jnp.ndim(f) == 2 else "diagonal" for f in state_leaves[:-1])
+
+
 def check_group_options(geometry, lipschitz_decay) -> None:
   check_choice("geometry", geometry, GEOMETRIES)
   check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
@@ -182,7 +188,7 @@ def kron(
     init_scale: float | None = None,
     damping: float | None = None,
     lipschitz_decay: float = 0.9,
-    precond_dtype: Any = jnp.float32,
+    precond_dtype: Any = "float32",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
   r"""PSGD with a Kronecker-product preconditioner per leaf.
@@ -238,10 +244,12 @@ def kron(
   check_number("max_skew", max_skew, low=0.0, low_open=True)
   check_choice("memory_save_mode", memory_save_mode, MEMORY_SAVE_MODES)
   check_group_options(geometry, lipschitz_decay)
-  group_for_shape = functools.partial(
-      kron_group, max_size=max_size, max_skew=max_skew,
-      memory_save_mode=memory_save_mode, geometry=geometry,
-      lipschitz_decay=lipschitz_decay)
+
+  def group_for_shape(shape, state_leaves=None):
+    kinds = None if state_leaves is None else state_factor_kinds(state_leaves)
+    return kron_group(shape, max_size=max_size, max_skew=max_skew,
+                      memory_save_mode=memory_save_mode, geometry=geometry,
+                      lipschitz_decay=lipschitz_decay, kinds=kinds)
   return engine.preconditioner(
       group_for_shape, curvature=curvature, update_probability=update_probability,
       precond_lr=precond_lr, init_scale=init_scale, damping=damping,

@@ -1,0 +1,209 @@
+"""Every public factory and ready optimizer behaves like an optax transformation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import psgd_optax as psgd
+
+# Explicit float32: optax.ema keeps the weak type of a weakly typed leaf in its state.
+PARAMS = {"w": jnp.linspace(-1.0, 1.0, 12, dtype=jnp.float32).reshape(3, 4),
+          "b": jnp.full((4,), 0.5, jnp.float32), "s": jnp.asarray(2.0, jnp.float32)}
+
+
+def loss_fn(params):
+  out = jnp.tanh(jnp.ones((2, 3)) @ params["w"] + params["b"]) * params["s"]
+  return jnp.sum((out - 0.3) ** 2) + 0.1 * jnp.sum(params["w"] ** 2)
+
+
+FACTORIES = {
+    "kron": lambda **kw: psgd.kron(**kw),
+    "kron_eq": lambda **kw: psgd.kron(geometry="eq", **kw),
+    "kron_quad": lambda **kw: psgd.kron(geometry="quad", **kw),
+    "dense": lambda **kw: psgd.dense(**kw),
+    "diag": lambda **kw: psgd.diag(**kw),
+    "opt_kron": lambda **kw: psgd.optimizers.kron(learning_rate=1e-2, **kw),
+    "opt_dense": lambda **kw: psgd.optimizers.dense(learning_rate=1e-2, weight_decay=1e-3, **kw),
+    "opt_diag": lambda **kw: psgd.optimizers.diag(learning_rate=1e-2, **kw),
+}
+CURVATURE = ["whitening", "newton"]
+
+
+def _extra(curvature):
+  return {"value_fn": loss_fn} if curvature == "newton" else {}
+
+
+def _run(tx, curvature, steps=3, params=PARAMS):
+  state = tx.init(params)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p, **_extra(curvature)))
+  outputs = []
+  for _ in range(steps):
+    grads = jax.grad(loss_fn)(params)
+    updates, state = step(grads, state, params)
+    params = optax.apply_updates(params, updates)
+    outputs.append(updates)
+  return outputs, state
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("curvature", CURVATURE)
+def test_unknown_extra_args_are_accepted_without_recompiling(name, curvature):
+  tx = FACTORIES[name](curvature=curvature, update_probability=1.0)
+  state = tx.init(PARAMS)
+  traces = []
+
+  @jax.jit
+  def step(grads, state, params, unrelated):
+    traces.append(1)
+    return tx.update(grads, state, params, unrelated_arg=unrelated, another=3,
+                     **_extra(curvature))
+
+  grads = jax.grad(loss_fn)(PARAMS)
+  updates1, state = step(grads, state, PARAMS, jnp.asarray(1.0))
+  updates2, state = step(grads, state, PARAMS, jnp.asarray(7.0))
+  assert len(traces) == 1
+  assert jax.tree.all(jax.tree.map(lambda u: bool(jnp.all(jnp.isfinite(u))), updates2))
+
+
+@pytest.mark.parametrize("factory,kwargs", [
+    (psgd.kron, {"precond_lr": 0.2, "damping": 1e-5, "update_probability": 0.5}),
+    (psgd.dense, {"precond_lr": 0.3, "update_probability": 1.0}),
+    (psgd.diag, {"precond_lr": 0.3, "lipschitz_decay": 0.5}),
+    (psgd.optimizers.kron, {"learning_rate": 0.01, "momentum": 0.5, "weight_decay": 1e-3}),
+    (psgd.optimizers.dense, {"learning_rate": 0.01, "precond_lr": 0.2}),
+    (psgd.optimizers.diag, {"learning_rate": 0.01, "max_update_rms": 1.0}),
+])
+def test_inject_hyperparams_gives_identical_updates(factory, kwargs):
+  plain, _ = _run(factory(**kwargs), "whitening", steps=4)
+  injected, state = _run(optax.inject_hyperparams(factory)(**kwargs), "whitening", steps=4)
+  for a, b in zip(plain, injected):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-7), a, b)
+  assert set(kwargs) <= set(state.hyperparams)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_updates_keep_param_dtype_and_state_stays_float32(name, dtype):
+  params = jax.tree.map(lambda p: p.astype(dtype), PARAMS)
+  tx = FACTORIES[name](curvature="newton", update_probability=1.0)
+  state = tx.init(params)
+  grads = jax.grad(loss_fn)(params)
+  updates, new_state = jax.jit(lambda g, s: tx.update(g, s, params, value_fn=loss_fn))(grads, state)
+  assert jax.tree.map(lambda u: u.dtype, updates) == jax.tree.map(lambda p: p.dtype, params)
+  for leaf in jax.tree.leaves(new_state):
+    if jnp.issubdtype(leaf.dtype, jnp.floating) and leaf.dtype != dtype:
+      assert leaf.dtype == jnp.float32
+  q_dtypes = {leaf.dtype for leaf in jax.tree.leaves(
+      [s.preconditioner for s in jax.tree.leaves(new_state, is_leaf=lambda x: isinstance(x, psgd.PSGDState)) if isinstance(s, psgd.PSGDState)])}
+  assert q_dtypes == {jnp.dtype(jnp.float32)}
+  assert all(jnp.all(jnp.isfinite(u.astype(jnp.float32))) for u in jax.tree.leaves(updates))
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_state_dtypes_and_shapes_are_stable_across_update_and_lax_cond(name):
+  tx = FACTORIES[name](update_probability=0.5)
+  state = tx.init(PARAMS)
+  grads = jax.grad(loss_fn)(PARAMS)
+  _, new_state = tx.update(grads, state, PARAMS)
+  spec = lambda tree: jax.tree.map(lambda x: (x.shape, x.dtype), tree)
+  assert spec(new_state) == spec(state)
+  assert jax.tree.structure(new_state) == jax.tree.structure(state)
+  # Both branches of a cond must agree: this fails to trace if update changed any dtype.
+  chosen = jax.jit(lambda p: jax.lax.cond(p, lambda: tx.update(grads, state, PARAMS)[1],
+                                          lambda: state))(True)
+  assert spec(chosen) == spec(state)
+
+
+@pytest.mark.parametrize("name", FACTORIES)
+def test_init_on_shape_dtype_structs(name):
+  tx = FACTORIES[name]()
+  abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), PARAMS)
+  concrete = tx.init(PARAMS)
+  from_structs = tx.init(abstract)
+  traced = jax.eval_shape(tx.init, abstract)
+  spec = lambda tree: jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), tree)
+  assert spec(from_structs) == spec(concrete) == spec(traced)
+
+
+@pytest.mark.parametrize("name", ["kron", "diag", "opt_kron"])
+def test_multisteps_accumulates_then_applies(name):
+  tx = optax.MultiSteps(FACTORIES[name](update_probability=1.0), every_k_schedule=3)
+  state = tx.init(PARAMS)
+  grads = jax.grad(loss_fn)(PARAMS)
+  step = jax.jit(tx.update)
+  applied = []
+  for _ in range(6):
+    updates, state = step(grads, state, PARAMS)
+    applied.append(any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates)))
+  assert applied == [False, False, True, False, False, True]
+
+
+@pytest.mark.parametrize("option", ["precond_lr", "update_probability"])
+def test_schedule_of_a_constant_equals_the_constant(option):
+  value = 0.3
+  constant, _ = _run(psgd.kron(**{option: value}), "whitening", steps=5)
+  scheduled, _ = _run(psgd.kron(**{option: optax.constant_schedule(value)}), "whitening",
+                      steps=5)
+  for a, b in zip(constant, scheduled):
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6), a, b)
+
+
+def test_learning_rate_schedule_in_ready_optimizer():
+  schedule = optax.linear_schedule(0.1, 0.0, 4)
+  updates, _ = _run(psgd.optimizers.kron(learning_rate=schedule), "whitening", steps=5)
+  assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates[-1]))
+  assert any(bool(jnp.any(u != 0)) for u in jax.tree.leaves(updates[0]))
+
+
+def test_newton_without_curvature_source_names_both_ways():
+  tx = psgd.kron(curvature="newton")
+  state = tx.init(PARAMS)
+  with pytest.raises(ValueError, match=r"value_fn=.*hvp=.*vector="):
+    tx.update(PARAMS, state, PARAMS)
+  with pytest.raises(ValueError, match="vector="):
+    tx.update(PARAMS, state, PARAMS, hvp=PARAMS)
+  with pytest.raises(ValueError, match="needs params"):
+    tx.update(PARAMS, state, None, value_fn=loss_fn)
+
+
+def test_newton_with_caller_hvp_equals_newton_with_value_fn():
+  """Supplying (vector, H·vector) yourself gives the same fit as value_fn does."""
+  hessian = jnp.diag(jnp.arange(1.0, 7.0))
+  quadratic = lambda x: 0.5 * x @ hessian @ x
+  x = jnp.ones(6)
+  by_value_fn = psgd.dense(curvature="newton", update_probability=1.0)
+  by_hvp = psgd.dense(curvature="newton", update_probability=1.0)
+  s1, s2 = by_value_fn.init(x), by_hvp.init(x)
+  for t in range(5):
+    _, s1 = by_value_fn.update(hessian @ x, s1, x, value_fn=quadratic)
+    vector = jax.random.normal(jax.random.key(t), (6,))
+    _, s2 = by_hvp.update(hessian @ x, s2, x, hvp=hessian @ vector, vector=vector)
+  group = psgd.dense_group((6,))
+  p1, p2 = group.materialize(s1.preconditioner), group.materialize(s2.preconditioner)
+  # Different probes, same target: both approach H⁻¹ at the same rate.
+  err = lambda p: float(jnp.linalg.norm(p @ hessian - jnp.eye(6)))
+  assert abs(err(p1) - err(p2)) < 0.5 * max(err(p1), err(p2)) + 1e-3
+
+
+def test_value_fn_hvp_runs_only_on_fitting_steps():
+  calls = []
+
+  def counted_loss(params):
+    jax.debug.callback(lambda: calls.append(1))
+    return loss_fn(params)
+
+  tx = psgd.kron(curvature="newton", update_probability=0.1, seed=3)
+  state = tx.init(PARAMS)
+  grads = jax.grad(loss_fn)(PARAMS)
+  step = jax.jit(lambda g, s: tx.update(g, s, PARAMS, value_fn=counted_loss))
+  fits = 0
+  for _ in range(200):
+    before = state.preconditioner
+    _, state = step(grads, state)
+    jax.effects_barrier()
+    fits += int(any(bool(jnp.any(a != b)) for a, b in
+                    zip(jax.tree.leaves(before), jax.tree.leaves(state.preconditioner))))
+  assert 5 <= fits <= 45  # ~10% of 200 steps (plus the forced first fit)
+  assert 0 < len(calls) <= 2 * fits
