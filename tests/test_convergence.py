@@ -13,6 +13,7 @@ Update counts and tolerances reached (float64, 2 cores), asserted below:
 """
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -175,3 +176,28 @@ def test_rosenbrock_newton_reaches_1e_10_within_300_iterations():
         break
     print(f"Rosenbrock: f < 1e-10 after {iterations} iterations")
     assert iterations is not None and iterations <= 300
+
+
+def test_whole_model_dense_through_optax_flatten_fits_cross_leaf_curvature():
+  """optax.flatten(psgd.dense()) fits one P over all leaves, coupling included."""
+  with jax.enable_x64(True):
+    hessian = random_spd(7, 50, np.random.default_rng(2))  # couples "a" (3,) and "b" (2, 2)
+    params = {"a": jnp.zeros(3, jnp.float64), "b": jnp.zeros((2, 2), jnp.float64)}
+    flat0, unravel = jax.flatten_util.ravel_pytree(params)
+    hessian_j = jnp.asarray(hessian)
+    flat_loss = lambda flat: 0.5 * flat @ hessian_j @ flat
+    tx = optax.flatten(psgd.dense(curvature="newton", update_probability=1.0,
+                                  precond_lr=0.5, precond_dtype=jnp.float64))
+    state = tx.init(params)
+
+    def body(_, state):
+      return tx.update(params, state, params, value_fn=flat_loss)[1]
+
+    state = jax.jit(lambda s: jax.lax.fori_loop(0, 1500, body, s))(state)
+    p = psgd.dense_group((7,)).materialize(state.preconditioner)
+    assert fit_error(p, hessian) < 1e-6
+    # The flattened order is ravel_pytree's, so the unravelled direction is P·g per leaf.
+    grads = unravel(hessian_j @ jnp.arange(1.0, 8.0))
+    direction, _ = tx.update(grads, state, params, value_fn=flat_loss)
+    np.testing.assert_allclose(jax.flatten_util.ravel_pytree(direction)[0],
+                               np.arange(1.0, 8.0), rtol=1e-5)

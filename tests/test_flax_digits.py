@@ -4,7 +4,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 from flax import nnx
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split

@@ -103,6 +103,20 @@ def check_engine_options(*, curvature, update_probability, precond_lr, init_scal
     raise ValueError(f"precond_dtype must be a floating dtype, got {precond_dtype!r}.")
 
 
+ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients) or ``"newton"`` (fit to
+      Hessian-vector products from ``value_fn=`` or ``hvp=``/``vector=`` extra args).
+    update_probability: probability of fitting ``Q`` on a step, a float or a schedule of
+      the step count. ``None`` uses :func:`psgd_optax.update_probability_schedule`.
+    precond_lr: normalized step size of the fit, in (0, 1] typically; float or schedule.
+    init_scale: ``Q``'s initial scale; ``None`` sets it from the first curvature pair.
+    damping: relative damping ``λ`` of the pair (see :mod:`psgd_optax._src.curvature`);
+      ``None`` gives 1e-6 for whitening and 0 for Newton.
+    precond_dtype: dtype (or its name) of ``Q`` and of the fit (``"float32"`` by default,
+      whatever the params' dtype).
+    seed: seed of the probes and of the update coin.
+"""
+
+
 def preconditioner(
     group_for_shape: GroupForShape,
     *,
@@ -125,18 +139,7 @@ def preconditioner(
     group_for_shape: ``(shape, state_leaves=None) -> Group``: the group of a leaf; in
       ``update`` it also gets the flat leaves of the leaf's group state, from which it
       should read its structure.
-    curvature: ``"whitening"`` (fit to gradients) or ``"newton"`` (fit to
-      Hessian-vector products from ``value_fn=`` or ``hvp=``/``vector=`` extra args).
-    update_probability: probability of fitting ``Q`` on a step, a float or a schedule of
-      the step count. ``None`` uses :func:`psgd_optax.update_probability_schedule`.
-    precond_lr: normalized step size of the fit, in (0, 1] typically; float or schedule.
-    init_scale: ``Q``'s initial scale; ``None`` sets it from the first curvature pair.
-    damping: relative damping ``λ`` of the pair (see :mod:`psgd_optax._src.curvature`);
-      ``None`` gives 1e-6 for whitening and 0 for Newton.
-    precond_dtype: dtype (or its name) of ``Q`` and of the fit (``"float32"`` by default,
-      whatever the params' dtype).
-    seed: seed of the probes and of the update coin.
-
+  {engine_args}
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
     ``(updates, state, params=None, *, value_fn=None, hvp=None, vector=None,
@@ -222,3 +225,7 @@ def preconditioner(
     return treedef.unflatten(preconditioned), new_state
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+preconditioner.__doc__ = preconditioner.__doc__.replace("  {engine_args}\n",
+                                                        ENGINE_ARGS_DOC + "\n")

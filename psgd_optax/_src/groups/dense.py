@@ -8,15 +8,12 @@ small leaves, or a whole small model through ``optax.flatten(psgd.dense())``.
 from __future__ import annotations
 
 import math
-from typing import Any
 
-import jax.numpy as jnp
-import optax
-
-from psgd_optax._src import engine
+from psgd_optax._src.family import preconditioner_family
 from psgd_optax._src.groups.factors import DenseFactor
 from psgd_optax._src.groups.geometry import get_geometry
-from psgd_optax._src.groups.kron import KronGroup, check_group_options
+from psgd_optax._src.groups.kron import (GEOMETRY_ARGS_DOC, GEOMETRY_OPTIONS, KronGroup,
+                                         check_group_options)
 
 
 def dense_group(shape, *, geometry="q0.5eq1.5", lipschitz_decay=0.9) -> KronGroup:
@@ -25,19 +22,16 @@ def dense_group(shape, *, geometry="q0.5eq1.5", lipschitz_decay=0.9) -> KronGrou
                    lipschitz_decay)
 
 
-def dense(
-    *,
-    geometry: str = "q0.5eq1.5",
-    curvature: str = "whitening",
-    update_probability: engine.ScalarOrSchedule | None = None,
-    precond_lr: engine.ScalarOrSchedule = 0.1,
-    init_scale: float | None = None,
-    damping: float | None = None,
-    lipschitz_decay: float = 0.9,
-    precond_dtype: Any = "float32",
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-  r"""PSGD with a dense preconditioner ``P = QᵀQ`` over each flattened leaf.
+def _dense_group_for_options(*, geometry, lipschitz_decay):
+  def group_for_shape(shape, state_leaves=None):
+    del state_leaves  # one factor over the flattened leaf: the shape fixes the structure
+    return dense_group(shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
+  return group_for_shape
+
+
+dense = preconditioner_family(
+    "dense", __name__, GEOMETRY_OPTIONS, _dense_group_for_options, check_group_options,
+    r"""PSGD with a dense preconditioner ``P = QᵀQ`` over each flattened leaf.
 
   .. math::
     Q \leftarrow Q - \frac{\mu}{L}\,(P h h^\top P - v v^\top)\,Q \quad
@@ -48,15 +42,8 @@ def dense(
   the flat parameter vector; build it with ``jax.flatten_util.ravel_pytree``).
 
   Args:
-    geometry: ``"q0.5eq1.5"`` (default), ``"eq"`` (triangular ``Q``) or ``"quad"``.
-    curvature: ``"whitening"`` or ``"newton"``.
-    update_probability: float or schedule; ``None`` for the default annealing schedule.
-    precond_lr: normalized fit step size (float or schedule).
-    init_scale: initial scale of ``Q``; ``None`` sets it from the first pair.
-    damping: relative damping; ``None`` gives 1e-6 (whitening) or 0 (Newton).
-    lipschitz_decay: decay of the step normalizer's estimate.
-    precond_dtype: dtype of ``Q`` (default float32).
-    seed: seed for probes and the update coin.
+""" + GEOMETRY_ARGS_DOC + """
+{engine_args}
 
   Returns:
     An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
@@ -77,14 +64,4 @@ def dense(
 
   References:
     Li, *Preconditioned stochastic gradient descent*, IEEE TNNLS 2018.
-  """
-  check_group_options(geometry, lipschitz_decay)
-
-  def group_for_shape(shape, state_leaves=None):
-    del state_leaves  # one factor over the flattened leaf: the shape fixes the structure
-    return dense_group(shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
-
-  return engine.preconditioner(
-      group_for_shape, curvature=curvature, update_probability=update_probability,
-      precond_lr=precond_lr, init_scale=init_scale, damping=damping,
-      precond_dtype=precond_dtype, seed=seed)
+""")

@@ -21,9 +21,8 @@ from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from psgd_optax._src import engine
+from psgd_optax._src.family import keyword, preconditioner_family
 from psgd_optax._src.groups.factors import FACTOR_KINDS, DenseFactor, DiagonalFactor
 from psgd_optax._src.groups.geometry import GEOMETRIES, Geometry, get_geometry
 from psgd_optax._src.normalize import lipschitz_update, safe_step
@@ -172,26 +171,43 @@ def state_factor_kinds(state_leaves) -> tuple[str, ...]:
 
 
 def check_group_options(geometry, lipschitz_decay) -> None:
+  """Validates the options every group built from factors shares."""
   check_choice("geometry", geometry, GEOMETRIES)
   check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
 
 
-def kron(
-    *,
-    max_size: int = 8192,
-    max_skew: float = 4.0,
-    memory_save_mode: str | None = None,
-    geometry: str = "q0.5eq1.5",
-    curvature: str = "whitening",
-    update_probability: engine.ScalarOrSchedule | None = None,
-    precond_lr: engine.ScalarOrSchedule = 0.1,
-    init_scale: float | None = None,
-    damping: float | None = None,
-    lipschitz_decay: float = 0.9,
-    precond_dtype: Any = "float32",
-    seed: int = 0,
-) -> optax.GradientTransformationExtraArgs:
-  r"""PSGD with a Kronecker-product preconditioner per leaf.
+GEOMETRY_OPTIONS = [
+    keyword("geometry", "q0.5eq1.5", str),
+    keyword("lipschitz_decay", 0.9, float),
+]
+GEOMETRY_ARGS_DOC = """    geometry: how ``Q`` moves: ``"q0.5eq1.5"`` (default, inverse-free, ``Q`` kept SPD),
+      ``"eq"`` (the papers' triangular rule) or ``"quad"``; see
+      :mod:`psgd_optax._src.groups.geometry`.
+    lipschitz_decay: decay of the Lipschitz estimate that normalizes fit steps."""
+
+
+def _kron_group_for_options(*, max_size, max_skew, memory_save_mode, geometry,
+                            lipschitz_decay):
+  def group_for_shape(shape, state_leaves=None):
+    kinds = None if state_leaves is None else state_factor_kinds(state_leaves)
+    return kron_group(shape, max_size=max_size, max_skew=max_skew,
+                      memory_save_mode=memory_save_mode, geometry=geometry,
+                      lipschitz_decay=lipschitz_decay, kinds=kinds)
+  return group_for_shape
+
+
+def _check_kron_options(*, max_size, max_skew, memory_save_mode, geometry, lipschitz_decay):
+  check_number("max_size", max_size, low=1.0)
+  check_number("max_skew", max_skew, low=0.0, low_open=True)
+  check_choice("memory_save_mode", memory_save_mode, MEMORY_SAVE_MODES)
+  check_group_options(geometry, lipschitz_decay)
+
+
+kron = preconditioner_family(
+    "kron", __name__,
+    [keyword("max_size", 8192, int), keyword("max_skew", 4.0, float),
+     keyword("memory_save_mode", None, "str | None")] + GEOMETRY_OPTIONS,
+    _kron_group_for_options, _check_kron_options, r"""PSGD with a Kronecker-product preconditioner per leaf.
 
   For a leaf of shape ``(n₁, …, n_k)``, ``Q = Q₁ ⊗ … ⊗ Q_k`` with a dense or diagonal
   factor per axis, fitted online so that
@@ -208,21 +224,12 @@ def kron(
     max_size: axes longer than this get a diagonal factor.
     max_skew: an axis of size ``n`` gets a dense factor only if ``n² ≤ max_skew·numel``.
     memory_save_mode: ``None``, ``"one_diag"`` (largest axis diagonal) or ``"all_diag"``.
-    geometry: ``"q0.5eq1.5"`` (default, inverse-free, ``Q`` kept SPD), ``"eq"`` (the
-      papers' triangular rule) or ``"quad"``; see :mod:`psgd_optax._src.groups.geometry`.
-    curvature: ``"whitening"`` or ``"newton"`` (needs ``value_fn=`` or
-      ``hvp=``/``vector=`` in ``update``).
-    update_probability: probability of fitting ``Q`` on a step (float or schedule);
-      ``None`` anneals from 1 to 0.03 (:func:`psgd_optax.update_probability_schedule`).
-    precond_lr: normalized step size of the fit (float or schedule).
-    init_scale: initial scale of ``Q``; ``None`` sets it from the first pair.
-    damping: relative damping; ``None`` gives 1e-6 (whitening) or 0 (Newton).
-    lipschitz_decay: decay of the Lipschitz estimate that normalizes fit steps.
-    precond_dtype: dtype of ``Q`` and the fit (default float32).
-    seed: seed for probes and the update coin.
+""" + GEOMETRY_ARGS_DOC + """
+{engine_args}
 
   Returns:
-    An :class:`optax.GradientTransformationExtraArgs`.
+    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
+    ``(updates, state, params=None, *, value_fn=None, hvp=None, vector=None, **extra_args)``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -239,21 +246,7 @@ def kron(
   References:
     Li, *Preconditioned stochastic gradient descent*, IEEE TNNLS 2018.
     Li, *Preconditioner on matrix Lie group for SGD*, ICLR 2019.
-  """
-  check_number("max_size", max_size, low=1.0)
-  check_number("max_skew", max_skew, low=0.0, low_open=True)
-  check_choice("memory_save_mode", memory_save_mode, MEMORY_SAVE_MODES)
-  check_group_options(geometry, lipschitz_decay)
-
-  def group_for_shape(shape, state_leaves=None):
-    kinds = None if state_leaves is None else state_factor_kinds(state_leaves)
-    return kron_group(shape, max_size=max_size, max_skew=max_skew,
-                      memory_save_mode=memory_save_mode, geometry=geometry,
-                      lipschitz_decay=lipschitz_decay, kinds=kinds)
-  return engine.preconditioner(
-      group_for_shape, curvature=curvature, update_probability=update_probability,
-      precond_lr=precond_lr, init_scale=init_scale, damping=damping,
-      precond_dtype=precond_dtype, seed=seed)
+""")
 
 
 __all__ = ["KronGroup", "KronState", "kron", "kron_group", "factor_kinds",
