@@ -30,7 +30,7 @@ def run(update_probability, steps, seed, batch=128):
   tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(3e-3, steps),
                             update_probability=update_probability, seed=seed)
   losses, accuracy, seconds = train(str(update_probability), tx, load_data(seed), steps,
-                                    batch, seed)
+                                    batch, seed, progress=False)
   schedule = update_probability if callable(update_probability) else (lambda t: update_probability)
   fit_fraction = float(np.mean([min(1.0, float(schedule(t))) for t in range(steps)]))
   return losses, accuracy, seconds, fit_fraction

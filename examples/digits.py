@@ -54,7 +54,7 @@ def optimizers(steps: int):
   }
 
 
-def train(name, tx, data, steps, batch, seed):
+def train(name, tx, data, steps, batch, seed, progress=True):
   x_train, x_test, y_train, y_test = (jnp.asarray(a) for a in data)
   model = CNN(nnx.Rngs(seed))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -75,7 +75,7 @@ def train(name, tx, data, steps, batch, seed):
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   losses = []
   start = time.perf_counter()
-  for key in tqdm(keys, desc=f"{name} (seed {seed})", leave=False):
+  for key in tqdm(keys, desc=f"{name} (seed {seed})", leave=False, disable=not progress):
     losses.append(step(model, optimizer, key))
   losses = np.asarray(jax.device_get(losses))
   seconds = time.perf_counter() - start

@@ -158,3 +158,23 @@ def test_bfloat16_params_train_with_float32_state():
     params = optax.apply_updates(params, updates)
   assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
   assert float(loss(params)) < 0.05 * start
+
+
+def test_ready_optimizer_bounds_the_step_after_a_gradient_spike():
+  """After the fit adapts to tiny gradients, a 1e4× larger one must not make a huge step."""
+  lr = 1e-2
+  tx = psgd.optimizers.kron(learning_rate=lr, update_probability=1.0)
+  state = tx.init(PARAMS)
+  step = jax.jit(tx.update)
+  for t in range(100):
+    _, state = step(_grads(1e-6, seed=t), state, PARAMS)
+  updates, _ = step(_grads(1e-2, seed=123), state, PARAMS)
+  for leaf in jax.tree.leaves(updates):
+    assert float(jnp.sqrt(jnp.mean(leaf ** 2))) <= 1.1 * lr * (1 + 1e-5)
+  # The bare transformation is unclipped: the spike is amplified, hence the default.
+  bare = psgd.kron(update_probability=1.0)
+  bare_state = bare.init(PARAMS)
+  for t in range(100):
+    _, bare_state = bare.update(_grads(1e-6, seed=t), bare_state, PARAMS)
+  spike, _ = bare.update(_grads(1e-2, seed=123), bare_state, PARAMS)
+  assert max(float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(spike)) > 100

@@ -201,8 +201,9 @@ def preconditioner(
       for group, q, was_set, v, h in zip(groups, q_old, scale_set, pair.vectors,
                                          pair.products):
         scale = _initial_scale(v, h, pair.integrate_probe)
-        usable = finite & jnp.any(h != 0) & (was_set | (jnp.isfinite(scale) & (scale > 0)))
-        safe_scale = jnp.where(jnp.isfinite(scale) & (scale > 0), scale, 1.0)
+        scale_ok = jnp.isfinite(scale) & (scale > 0)
+        usable = finite & jnp.any(h != 0) & (was_set | scale_ok)
+        safe_scale = jnp.where(scale_ok, scale, 1.0)
         q_start = optax.tree.where(was_set, q, group.init(safe_scale, dtype))
         q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
         moved_ok = usable & _all_finite(q_moved)

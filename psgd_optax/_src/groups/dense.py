@@ -7,30 +7,20 @@ small leaves, or a whole small model through ``optax.flatten(psgd.dense())``.
 
 from __future__ import annotations
 
-import math
-
 from psgd_optax._src.family import preconditioner_family
-from psgd_optax._src.groups.factors import DenseFactor
-from psgd_optax._src.groups.geometry import get_geometry
 from psgd_optax._src.groups.kron import (GEOMETRY_ARGS_DOC, GEOMETRY_OPTIONS, KronGroup,
-                                         check_group_options)
+                                         check_group_options, flat_group,
+                                         flat_group_for_options)
 
 
 def dense_group(shape, *, geometry="q0.5eq1.5", lipschitz_decay=0.9) -> KronGroup:
   """The dense group over a leaf of ``shape`` (flattened to ``numel``)."""
-  return KronGroup(tuple(shape), (DenseFactor(math.prod(shape)),), get_geometry(geometry),
-                   lipschitz_decay)
-
-
-def _dense_group_for_options(*, geometry, lipschitz_decay):
-  def group_for_shape(shape, state_leaves=None):
-    del state_leaves  # one factor over the flattened leaf: the shape fixes the structure
-    return dense_group(shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
-  return group_for_shape
+  return flat_group("dense", shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
 
 
 dense = preconditioner_family(
-    "dense", __name__, GEOMETRY_OPTIONS, _dense_group_for_options, check_group_options,
+    "dense", __name__, GEOMETRY_OPTIONS, flat_group_for_options("dense"),
+    check_group_options,
     r"""PSGD with a dense preconditioner ``P = QᵀQ`` over each flattened leaf.
 
   .. math::

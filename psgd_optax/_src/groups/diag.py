@@ -7,30 +7,20 @@ for Newton pairs ``P`` fits ``|H|⁻¹`` on the diagonal group.
 
 from __future__ import annotations
 
-import math
-
 from psgd_optax._src.family import preconditioner_family
-from psgd_optax._src.groups.factors import DiagonalFactor
-from psgd_optax._src.groups.geometry import get_geometry
 from psgd_optax._src.groups.kron import (GEOMETRY_ARGS_DOC, GEOMETRY_OPTIONS, KronGroup,
-                                         check_group_options)
+                                         check_group_options, flat_group,
+                                         flat_group_for_options)
 
 
 def diag_group(shape, *, geometry="q0.5eq1.5", lipschitz_decay=0.9) -> KronGroup:
   """The diagonal group over a leaf of ``shape``."""
-  return KronGroup(tuple(shape), (DiagonalFactor(math.prod(shape)),),
-                   get_geometry(geometry), lipschitz_decay)
-
-
-def _diag_group_for_options(*, geometry, lipschitz_decay):
-  def group_for_shape(shape, state_leaves=None):
-    del state_leaves  # one factor over the flattened leaf: the shape fixes the structure
-    return diag_group(shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
-  return group_for_shape
+  return flat_group("diagonal", shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
 
 
 diag = preconditioner_family(
-    "diag", __name__, GEOMETRY_OPTIONS, _diag_group_for_options, check_group_options,
+    "diag", __name__, GEOMETRY_OPTIONS, flat_group_for_options("diagonal"),
+    check_group_options,
     r"""PSGD with a diagonal preconditioner per leaf.
 
   .. math::

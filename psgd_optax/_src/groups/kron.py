@@ -164,6 +164,26 @@ def kron_group(shape, *, max_size=8192, max_skew=4.0, memory_save_mode=None,
   return KronGroup(tuple(shape), factors, get_geometry(geometry), lipschitz_decay)
 
 
+def flat_group(factor_kind: str, shape, *, geometry="q0.5eq1.5",
+               lipschitz_decay=0.9) -> KronGroup:
+  """One factor of ``factor_kind`` over the flattened leaf (the dense and diag groups)."""
+  factor = FACTOR_KINDS[factor_kind](math.prod(shape))
+  return KronGroup(tuple(shape), (factor,), get_geometry(geometry), lipschitz_decay)
+
+
+def flat_group_for_options(factor_kind: str):
+  """``group_for_options`` of a single-factor family: the shape fixes the structure."""
+
+  def group_for_options(*, geometry, lipschitz_decay):
+    def group_for_shape(shape, state_leaves=None):
+      del state_leaves
+      return flat_group(factor_kind, shape, geometry=geometry,
+                        lipschitz_decay=lipschitz_decay)
+    return group_for_shape
+
+  return group_for_options
+
+
 def state_factor_kinds(state_leaves) -> tuple[str, ...]:
   """The factor kinds in a :class:`KronState`'s leaves ``[Q₁, …, Q_k, lipschitz]``:
   matrices are dense factors, vectors diagonal ones."""
