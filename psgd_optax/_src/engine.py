@@ -144,6 +144,19 @@ def preconditioner(
     An :class:`optax.GradientTransformationExtraArgs` whose ``update`` takes
     ``(updates, state, params=None, *, value_fn=None, hvp=None, vector=None,
     **extra_args)``.
+
+  Example:
+    A Kronecker preconditioner whose leading axis is always diagonal:
+
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> def group_for_shape(shape, state_leaves=None):
+    ...   kinds = ("diagonal",) + ("dense",) * (len(shape) - 1)
+    ...   return psgd.kron_group(shape, kinds=kinds)
+    >>> tx = psgd.preconditioner(group_for_shape)
+    >>> state = tx.init(jnp.zeros((50, 8)))
+    >>> [q.shape for q in state.preconditioner.factors]
+    [(50,), (8, 8)]
   """
   check_engine_options(curvature=curvature, update_probability=update_probability,
                        precond_lr=precond_lr, init_scale=init_scale, damping=damping,

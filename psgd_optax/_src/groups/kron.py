@@ -150,7 +150,18 @@ def factor_kinds(shape: Sequence[int], *, max_size=8192, max_skew=4.0,
 
 def kron_group(shape, *, max_size=8192, max_skew=4.0, memory_save_mode=None,
                geometry="q0.5eq1.5", lipschitz_decay=0.9, kinds=None) -> KronGroup:
-  """The Kronecker group for a leaf of ``shape`` (``kinds`` overrides the factor choice)."""
+  """The Kronecker group for a leaf of ``shape`` (``kinds`` overrides the factor choice).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.kron_group((2, 3))
+    >>> q = group.init(2.0, jnp.float32)          # Q = 2·I, so P = QᵀQ = 4·I
+    >>> group.precondition(q, jnp.ones((2, 3)))[0]
+    Array([4., 4., 4.], dtype=float32)
+    >>> group.materialize(q).shape
+    (6, 6)
+  """
   core = [n for n in shape if n > 1] or [1]
   if kinds is None:
     kinds = factor_kinds(shape, max_size=max_size, max_skew=max_skew,
