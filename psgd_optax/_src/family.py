@@ -1,8 +1,8 @@
-"""Builds a public preconditioner factory (``psgd.kron``, ...) from a group's own options.
+"""Builds public factories (``psgd.kron``, ``psgd.optimizers.kron``, ...) with merged signatures.
 
 A family's signature is its group options followed by the engine's (read from
-:func:`~psgd_optax._src.engine.preconditioner`), so ``inspect.signature``, ``help`` and
-``optax.inject_hyperparams`` see every option while each is declared and documented once.
+:func:`~psgd_optax._src.engine.preconditioner`); a ready optimizer's is its own options
+followed by its preconditioner family's.
 """
 
 from __future__ import annotations
@@ -16,6 +16,33 @@ from psgd_optax._src import engine
 
 _ENGINE_PARAMETERS = [p for name, p in inspect.signature(engine.preconditioner).parameters.items()
                       if name != "group_for_shape"]
+
+
+def merged_signature_factory(name, module, own_parameters, other_parameters, build, doc):
+  """A factory whose signature is ``own_parameters`` followed by ``other_parameters``.
+
+  The factory binds its arguments against that signature (a ``TypeError`` names any
+  unknown option), fills in defaults, and returns ``build(own, others)`` with the two
+  groups of options as dicts. Both the preconditioner families and the ready optimizers
+  are made this way, so ``inspect.signature``, ``help`` and ``optax.inject_hyperparams``
+  see every option while each is declared and documented once.
+  """
+  signature = inspect.Signature(list(own_parameters) + list(other_parameters),
+                                return_annotation=optax.GradientTransformationExtraArgs)
+  own_names = [p.name for p in own_parameters]
+
+  def factory(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    others = dict(bound.arguments)
+    own = {key: others.pop(key) for key in own_names}
+    return build(own, others)
+
+  factory.__signature__ = signature
+  factory.__name__ = factory.__qualname__ = name
+  factory.__module__ = module
+  factory.__doc__ = doc
+  return factory
 
 
 def preconditioner_family(
@@ -34,29 +61,20 @@ def preconditioner_family(
     group_options: keyword-only parameters of the group (with defaults).
     group_for_options: maps the group options to a ``group_for_shape`` callable.
     check_group_options: raises ``ValueError`` for invalid group options.
-    doc: the docstring; ``{group_args}`` and ``{engine_args}`` mark where the
-      ``Args`` entries of the two kinds of options go.
+    doc: the docstring; ``{engine_args}`` marks where the engine options' ``Args``
+      entries go.
 
   Returns:
     The factory.
   """
-  signature = inspect.Signature(list(group_options) + _ENGINE_PARAMETERS,
-                                return_annotation=optax.GradientTransformationExtraArgs)
-  group_names = [p.name for p in group_options]
 
-  def factory(**kwargs) -> optax.GradientTransformationExtraArgs:
-    bound = signature.bind(**kwargs)  # a TypeError names any unknown option
-    bound.apply_defaults()
-    options = dict(bound.arguments)
-    group = {key: options.pop(key) for key in group_names}
+  def build(group, engine_options):
     check_group_options(**group)
-    return engine.preconditioner(group_for_options(**group), **options)
+    return engine.preconditioner(group_for_options(**group), **engine_options)
 
-  factory.__signature__ = signature
-  factory.__name__ = factory.__qualname__ = name
-  factory.__module__ = module
-  factory.__doc__ = doc.replace("{engine_args}", engine.ENGINE_ARGS_DOC.rstrip("\n"))
-  return factory
+  return merged_signature_factory(
+      name, module, group_options, _ENGINE_PARAMETERS, build,
+      doc.replace("{engine_args}", engine.ENGINE_ARGS_DOC.rstrip("\n")))
 
 
 def keyword(name: str, default, annotation=inspect.Parameter.empty) -> inspect.Parameter:

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import optax
 
+from psgd_optax._src.family import keyword, merged_signature_factory
 from psgd_optax._src.groups.dense import dense as dense_preconditioner
 from psgd_optax._src.groups.diag import diag as diag_preconditioner
 from psgd_optax._src.groups.kron import kron as kron_preconditioner
@@ -27,14 +28,10 @@ from psgd_optax._src.validation import check_number
 _OWN_OPTIONS = [
     inspect.Parameter("learning_rate", inspect.Parameter.POSITIONAL_OR_KEYWORD,
                       default=3e-4, annotation=optax.ScalarOrSchedule),
-    inspect.Parameter("momentum", inspect.Parameter.KEYWORD_ONLY, default=0.9,
-                      annotation=float),
-    inspect.Parameter("weight_decay", inspect.Parameter.KEYWORD_ONLY, default=0.0,
-                      annotation=float),
-    inspect.Parameter("mask", inspect.Parameter.KEYWORD_ONLY, default=None,
-                      annotation=Any | Callable | None),
-    inspect.Parameter("max_update_rms", inspect.Parameter.KEYWORD_ONLY, default=1.1,
-                      annotation=float | None),
+    keyword("momentum", 0.9, float),
+    keyword("weight_decay", 0.0, float),
+    keyword("mask", None, Any | Callable | None),
+    keyword("max_update_rms", 1.1, float | None),
 ]
 
 _ARGS_DOC = """
@@ -58,16 +55,8 @@ _ARGS_DOC = """
 
 def _ready_optimizer(preconditioner_factory, name: str, summary: str, example: str):
   """Builds ``name(learning_rate, *, momentum, ..., **preconditioner options)``."""
-  precond_parameters = list(inspect.signature(preconditioner_factory).parameters.values())
-  signature = inspect.Signature(_OWN_OPTIONS + precond_parameters,
-                                return_annotation=optax.GradientTransformationExtraArgs)
-  own_names = [p.name for p in _OWN_OPTIONS]
 
-  def optimizer(*args, **kwargs) -> optax.GradientTransformationExtraArgs:
-    bound = signature.bind(*args, **kwargs)  # a TypeError names any unknown option
-    bound.apply_defaults()
-    options = dict(bound.arguments)
-    own = {key: options.pop(key) for key in own_names}
+  def build(own, preconditioner_options):
     check_number("learning_rate", own["learning_rate"], low=0.0, allow_callable=True)
     check_number("momentum", own["momentum"], low=0.0, high=1.0, high_open=True)
     check_number("weight_decay", own["weight_decay"], low=0.0)
@@ -76,19 +65,17 @@ def _ready_optimizer(preconditioner_factory, name: str, summary: str, example: s
     clip = (optax.clip_by_block_rms(own["max_update_rms"])
             if own["max_update_rms"] is not None else optax.identity())
     return optax.chain(
-        preconditioner_factory(**options),
+        preconditioner_factory(**preconditioner_options),
         optax.ema(own["momentum"], debias=True),
         clip,
         optax.add_decayed_weights(own["weight_decay"], own["mask"]),
         optax.scale_by_learning_rate(own["learning_rate"]),
     )
 
-  optimizer.__signature__ = signature
-  optimizer.__name__ = optimizer.__qualname__ = name
-  optimizer.__module__ = "psgd_optax.optimizers"
-  optimizer.__doc__ = (summary + _ARGS_DOC.format(name=f":func:`psgd_optax.{name}`")
-                       + example)
-  return optimizer
+  return merged_signature_factory(
+      name, "psgd_optax.optimizers", _OWN_OPTIONS,
+      inspect.signature(preconditioner_factory).parameters.values(), build,
+      summary + _ARGS_DOC.format(name=f":func:`psgd_optax.{name}`") + example)
 
 
 kron = _ready_optimizer(kron_preconditioner, "kron", """PSGD-Kron optimizer: :func:`psgd_optax.kron` + momentum + weight decay.
