@@ -1,10 +1,9 @@
 r"""Where the curvature pair ``(v, h)`` that ``Q`` is fitted to comes from.
 
 ``"whitening"`` (Fisher type, Li 2019 §3.2)
-  ``h = g + λ·rms(g)·v`` with ``v ~ N(0, I)``: ``P`` converges to
-  ``(E[ggᵀ] + λ²rms²I)^{-1/2}``. The damping is *relative* to the gradient's RMS so that
-  it means the same thing at every gradient scale. ``v`` is independent of ``g``, so the
-  ``E[vvᵀ]`` term of the fit may be integrated out exactly.
+  ``h = g + damping term`` with ``v ~ N(0, I)`` independent of ``g``: ``P`` converges to
+  ``(E[ggᵀ] + λ²I)^{-1/2}``. ``v`` is independent of ``g``, so the ``E[vvᵀ]`` term of the
+  fit may be integrated out exactly.
 ``"newton"`` (Li 2019 §3.1)
   ``h = H v`` with ``v ~ N(0, I)``: ``P → |H|⁻¹``. Either the transformation computes
   the Hessian-vector product itself from a ``value_fn=`` extra argument,
@@ -12,17 +11,46 @@ r"""Where the curvature pair ``(v, h)`` that ``Q`` is fitted to comes from.
   caller supplies ``hvp=`` together with the ``vector=`` it was taken along. The probe is
   kept explicit in the fit: on a quadratic with ``P = H⁻¹`` each pair then fits exactly,
   which is what lets the fit converge to machine precision.
+``"finite_difference"`` (Li 2018 §II.A)
+  ``h = (∇f(θ + δv) − ∇f(θ)) / δ`` from two reverse-mode gradients of ``value_fn`` on
+  fitting steps, with ``δ = √eps`` of the params' dtype. For losses whose second
+  derivative JAX cannot take (``jax.custom_vjp``, some custom kernels). ``v`` is the
+  perturbation actually representable, ``((θ + δv) − θ)/δ``, so rounding of ``θ + δv``
+  does not bias the pair.
+``"secant"`` (the BFGS-like pairs of Li et al. 2023)
+  ``v = θ_t − θ_{t−1}`` and ``h = g_t − g_{t−1}`` from the previous step's params and
+  gradients, kept in the state. No extra gradient, no ``value_fn``; the first step has
+  no pair and does not fit. The pairs are not isotropic, so ``P`` fits the curvature
+  along the directions the optimizer actually moves.
+
+A source has ``init(params, dtype)`` (its memory, ``()`` for most),
+``remember(memory, grads, params, treedef, dtype)`` (called every step, fitting or not),
+``check_args(params, extra_args)`` (clear errors before tracing) and
+``pair(key, grads, params, treedef, dtype, extra_args, memory)`` (called on fitting steps
+only, inside ``lax.cond``).
+
+Damping (Li 2018 §III.C), added to ``h`` by every source (``damping_type``):
+
+``"relative"`` (default)
+  ``h + λ·rms(h)·v``: means the same thing at every gradient scale.
+``"traditional"``
+  ``h + λ·v``: fits ``|H + λI|⁻¹`` (Newton), well suited to convex problems.
+``"nonconvex"``
+  ``h + λ·v′`` with ``v′ ~ N(0, I)`` independent of ``v``: fits
+  ``(H² + λ²I)^{-1/2}``, whose eigenvalues never exceed ``1/λ`` whatever the signs of
+  ``H``'s eigenvalues (the paper's non-convexity-compatible damping).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 
-CURVATURES = ("whitening", "newton")
+CURVATURES = ("whitening", "newton", "finite_difference", "secant")
+DAMPING_TYPES = ("relative", "traditional", "nonconvex")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,11 +61,22 @@ class CurvaturePair:
     vectors: the probes ``v``.
     products: ``h``, the curvature applied to ``v`` (or the damped gradient).
     integrate_probe: whether the fit may replace ``vvᵀ`` by its expectation ``I``.
+    valid: a boolean scalar; ``False`` when there is no pair this step (e.g. the first
+      step of ``"secant"``), so ``Q`` must not move.
   """
 
   vectors: Sequence[jax.Array]
   products: Sequence[jax.Array]
   integrate_probe: bool
+  valid: Any = True
+
+
+class SecantMemory(NamedTuple):
+  """The previous step's params and gradients (params-shaped, ``precond_dtype``)."""
+
+  params: Any
+  grads: Any
+  has_previous: jax.Array
 
 
 def _rms(x: jax.Array) -> jax.Array:
@@ -52,27 +91,65 @@ def _probe_leaves(key, leaves, dtype):
 
 
 @dataclasses.dataclass(frozen=True)
-class Whitening:
-  """Gradient-whitening pairs ``(v, g + λ·rms(g)·v)``."""
+class Damping:
+  """Adds ``λ·rms(h)·v``, ``λ·v`` or ``λ·v′`` to every product (see the module doc)."""
 
-  damping: Any = 1e-6
+  strength: Any = 0.0
+  kind: str = "relative"
+
+  def __call__(self, key, vectors, products):
+    if self.kind == "nonconvex":
+      independent = _probe_leaves(jax.random.fold_in(key, 1 << 20), vectors,
+                                  vectors[0].dtype if vectors else jnp.float32)
+      return [h + self.strength * w for h, w in zip(products, independent)]
+    if self.kind == "traditional":
+      return [h + self.strength * v for h, v in zip(products, vectors)]
+    return [h + self.strength * _rms(h) * v for h, v in zip(products, vectors)]
+
+
+class _Stateless:
+  """Sources that remember nothing between steps."""
+
+  def init(self, params, dtype):
+    del params, dtype
+    return ()
+
+  def remember(self, memory, grads, params, treedef, dtype):
+    del grads, params, treedef, dtype
+    return memory
+
+
+@dataclasses.dataclass(frozen=True)
+class Whitening(_Stateless):
+  """Gradient-whitening pairs ``(v, g + damping)`` (relative λ = 1e-6 by default)."""
+
+  damping: Damping = Damping(1e-6)
   name: str = "whitening"
 
   def check_args(self, params, extra_args) -> None:
     del params, extra_args
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args) -> CurvaturePair:
-    del params, treedef, extra_args
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+    del params, treedef, extra_args, memory
     probes = _probe_leaves(key, grads, dtype)
-    products = [g + self.damping * _rms(g) * v for g, v in zip(grads, probes)]
-    return CurvaturePair(probes, products, integrate_probe=True)
+    # With the independent damping v′ is independent of both g and v anyway.
+    return CurvaturePair(probes, self.damping(key, probes, list(grads)),
+                         integrate_probe=True)
+
+
+def _check_value_fn(name, params, value_fn) -> None:
+  if value_fn is not None and not callable(value_fn):
+    raise ValueError(f"value_fn must be callable, got {value_fn!r}.")
+  if value_fn is not None and params is None:
+    raise ValueError(f"curvature={name!r} with value_fn= needs params: call "
+                     "update(grads, state, params, value_fn=...).")
 
 
 @dataclasses.dataclass(frozen=True)
-class Newton:
-  """Hessian-vector-product pairs ``(v, Hv + λ·rms(Hv)·v)`` (λ = ``damping``, default 0)."""
+class Newton(_Stateless):
+  """Hessian-vector-product pairs ``(v, Hv + damping)`` (λ = 0 by default)."""
 
-  damping: Any = 0.0
+  damping: Damping = Damping(0.0)
   name: str = "newton"
 
   def check_args(self, params, extra_args) -> None:
@@ -90,14 +167,11 @@ class Newton:
           "value_fn= (a function of the params returning the scalar loss; the "
           "transformation computes Hessian-vector products on preconditioner-update "
           "steps only) or hvp= together with vector= (a product you computed).")
-    if hvp is None and params is None:
-      raise ValueError(
-          "curvature='newton' with value_fn= needs params: call "
-          "update(grads, state, params, value_fn=...).")
-    if value_fn is not None and not callable(value_fn):
-      raise ValueError(f"value_fn must be callable, got {value_fn!r}.")
+    if hvp is None:
+      _check_value_fn(self.name, params, value_fn)
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args) -> CurvaturePair:
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+    del grads, memory
     hvp = extra_args.get("hvp")
     if hvp is not None:
       vectors = [jnp.asarray(v, dtype) for v in treedef.flatten_up_to(extra_args["vector"])]
@@ -106,19 +180,105 @@ class Newton:
       param_leaves = treedef.flatten_up_to(params)
       probes = _probe_leaves(key, param_leaves, dtype)
       tangents = [v.astype(p.dtype) for v, p in zip(probes, param_leaves)]
-      value_fn: Callable = extra_args["value_fn"]
-      _, hvp_tree = jax.jvp(jax.grad(value_fn), (params,),
-                            (jax.tree.unflatten(treedef, tangents),))
+      try:
+        _, hvp_tree = jax.jvp(jax.grad(extra_args["value_fn"]), (params,),
+                              (jax.tree.unflatten(treedef, tangents),))
+      except (TypeError, ValueError, NotImplementedError) as error:
+        if "jvp" not in str(error).lower():
+          raise
+        raise ValueError(
+            "curvature='newton' cannot differentiate value_fn twice (forward over "
+            "reverse): part of it, e.g. a jax.custom_vjp function or a callback, has no "
+            f"forward-mode derivative ({str(error).splitlines()[0]}). Use "
+            "curvature='finite_difference' (two gradients per fit, no second "
+            "derivative) or pass hvp= and vector= yourself.") from error
       vectors = [t.astype(dtype) for t in tangents]
       products = [h.astype(dtype) for h in treedef.flatten_up_to(hvp_tree)]
-    products = [h + self.damping * _rms(h) * v for h, v in zip(products, vectors)]
-    return CurvaturePair(vectors, products, integrate_probe=False)
+    return CurvaturePair(vectors, self.damping(key, vectors, products),
+                         integrate_probe=False)
 
 
-def make_curvature(name: str, damping):
-  """The curvature source called ``name``; ``damping=None`` picks its default."""
-  sources = {"whitening": Whitening, "newton": Newton}
-  if name not in sources:
+@dataclasses.dataclass(frozen=True)
+class FiniteDifference(_Stateless):
+  """``(v, (∇f(θ + δv) − ∇f(θ))/δ + damping)`` with ``δ = √eps`` of the params' dtype."""
+
+  damping: Damping = Damping(0.0)
+  name: str = "finite_difference"
+
+  def check_args(self, params, extra_args) -> None:
+    value_fn = extra_args.get("value_fn")
+    if value_fn is None:
+      raise ValueError(
+          "curvature='finite_difference' needs value_fn= (a function of the params "
+          "returning the scalar loss): the transformation differences two of its "
+          "gradients on preconditioner-update steps.")
+    _check_value_fn(self.name, params, value_fn)
+
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+    del grads, memory
+    param_leaves = treedef.flatten_up_to(params)
+    probes = _probe_leaves(key, param_leaves, dtype)
+    vectors, moved = [], []
+    for probe, leaf in zip(probes, param_leaves):
+      delta = jnp.sqrt(jnp.finfo(leaf.dtype).eps).astype(leaf.dtype)
+      shifted = leaf + delta * probe.astype(leaf.dtype)
+      moved.append(shifted)
+      vectors.append(((shifted - leaf) / delta).astype(dtype))
+    gradient = jax.grad(extra_args["value_fn"])
+    at_params = treedef.flatten_up_to(gradient(params))
+    at_moved = treedef.flatten_up_to(gradient(treedef.unflatten(moved)))
+    products = [
+        ((b.astype(dtype) - a.astype(dtype)) / jnp.sqrt(jnp.finfo(p.dtype).eps)).astype(dtype)
+        for a, b, p in zip(at_params, at_moved, param_leaves)]
+    return CurvaturePair(vectors, self.damping(key, vectors, products),
+                         integrate_probe=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Secant:
+  """``(θ_t − θ_{t−1}, g_t − g_{t−1} + damping)`` from the previous step, kept in state."""
+
+  damping: Damping = Damping(0.0)
+  name: str = "secant"
+
+  def check_args(self, params, extra_args) -> None:
+    del extra_args
+    if params is None:
+      raise ValueError("curvature='secant' needs params at every update: call "
+                       "update(grads, state, params).")
+
+  def init(self, params, dtype):
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+    return SecantMemory(params=zeros, grads=zeros, has_previous=jnp.asarray(False))
+
+  def remember(self, memory, grads, params, treedef, dtype):
+    return SecantMemory(
+        params=treedef.unflatten([p.astype(dtype) for p in treedef.flatten_up_to(params)]),
+        grads=treedef.unflatten([g.astype(dtype) for g in grads]),
+        has_previous=jnp.asarray(True))
+
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+    del extra_args
+    param_leaves = treedef.flatten_up_to(params)
+    vectors = [p.astype(dtype) - q for p, q in
+               zip(param_leaves, treedef.flatten_up_to(memory.params))]
+    products = [g - q for g, q in zip(grads, treedef.flatten_up_to(memory.grads))]
+    return CurvaturePair(vectors, self.damping(key, vectors, products),
+                         integrate_probe=False, valid=memory.has_previous)
+
+
+_SOURCES = {"whitening": Whitening, "newton": Newton,
+            "finite_difference": FiniteDifference, "secant": Secant}
+_DEFAULT_DAMPING = {"whitening": 1e-6}
+
+
+def make_curvature(name: str, damping, damping_type: str = "relative"):
+  """The curvature source called ``name``; ``damping=None`` picks its default
+  (relative 1e-6 for whitening, 0 otherwise)."""
+  if name not in _SOURCES:
     raise ValueError(f"curvature must be one of {CURVATURES}, got {name!r}.")
-  source = sources[name]
-  return source() if damping is None else source(damping=damping)
+  if damping_type not in DAMPING_TYPES:
+    raise ValueError(f"damping_type must be one of {DAMPING_TYPES}, got {damping_type!r}.")
+  strength = _DEFAULT_DAMPING.get(name, 0.0) if damping is None else damping
+  return _SOURCES[name](damping=Damping(strength, damping_type))
+

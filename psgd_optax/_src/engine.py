@@ -43,11 +43,15 @@ class PSGDState(NamedTuple):
       estimates), in ``precond_dtype``.
     scale_set: a params-shaped tree of booleans: whether that leaf's ``Q`` has had its
       scale set (from ``init_scale`` or from the first usable curvature pair).
+    curvature: what the curvature source remembers between steps: ``()`` for
+      whitening, Newton and finite differences; for ``"secant"`` a
+      ``SecantMemory(params, grads, has_previous)`` of the previous step.
   """
 
   count: jax.Array
   preconditioner: Any
   scale_set: Any
+  curvature: Any = ()
 
 
 def _value_at(schedule_or_value, count):
@@ -59,9 +63,10 @@ def _all_finite(leaves) -> jax.Array:
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
 
 
-def _rebuild(group, state_leaves):
-  """The group's state with the given leaves, in the group's own containers."""
-  structure = jax.tree.structure(jax.eval_shape(lambda: group.init(1.0, jnp.float32)))
+def _rebuild(make_state, state_leaves):
+  """The state ``make_state()`` would build, holding the given leaves: frameworks such as
+  flax.nnx hand NamedTuple states back in their own containers."""
+  structure = jax.tree.structure(jax.eval_shape(make_state))
   return jax.tree.unflatten(structure, state_leaves)
 
 
@@ -81,10 +86,13 @@ def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Arr
 
 
 def check_engine_options(*, curvature, update_probability, precond_lr, init_scale,
-                         damping, precond_dtype, seed) -> None:
+                         damping, damping_type, precond_dtype, seed) -> None:
   if curvature not in curvature_lib.CURVATURES:
     raise ValueError(f"curvature must be one of {curvature_lib.CURVATURES}, "
                      f"got {curvature!r}.")
+  if damping_type not in curvature_lib.DAMPING_TYPES:
+    raise ValueError(f"damping_type must be one of {curvature_lib.DAMPING_TYPES}, "
+                     f"got {damping_type!r}.")
   check_number("update_probability", update_probability, low=0.0, high=1.0,
                allow_callable=True, allow_none=True)
   check_number("precond_lr", precond_lr, low=0.0, low_open=True, allow_callable=True)
@@ -103,14 +111,21 @@ def check_engine_options(*, curvature, update_probability, precond_lr, init_scal
     raise ValueError(f"precond_dtype must be a floating dtype, got {precond_dtype!r}.")
 
 
-ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients) or ``"newton"`` (fit to
-      Hessian-vector products from ``value_fn=`` or ``hvp=``/``vector=`` extra args).
+ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newton"`` (fit to
+      Hessian-vector products from ``value_fn=`` or ``hvp=``/``vector=`` extra args),
+      ``"finite_difference"`` (gradient differences from ``value_fn=``) or
+      ``"secant"`` (differences of successive params and gradients).
     update_probability: probability of fitting ``Q`` on a step, a float or a schedule of
-      the step count. ``None`` uses :func:`psgd_optax.update_probability_schedule`.
+      the step count (a schedule returning 0 or 1, such as
+      :func:`psgd_optax.periodic_schedule`, skips updates deterministically). ``None``
+      uses :func:`psgd_optax.update_probability_schedule`.
     precond_lr: normalized step size of the fit, in (0, 1] typically; float or schedule.
     init_scale: ``Q``'s initial scale; ``None`` sets it from the first curvature pair.
-    damping: relative damping ``λ`` of the pair (see :mod:`psgd_optax._src.curvature`);
-      ``None`` gives 1e-6 for whitening and 0 for Newton.
+    damping: damping strength ``λ`` of the pair; ``None`` gives 1e-6 for whitening and 0
+      for the other curvatures.
+    damping_type: ``"relative"`` (``h + λ·rms(h)·v``), ``"traditional"`` (``h + λv``)
+      or ``"nonconvex"`` (``h + λv′`` with an independent ``v′``: ``P ≤ I/λ`` even
+      for indefinite ``H``); see :mod:`psgd_optax._src.curvature`.
     precond_dtype: dtype (or its name) of ``Q`` and of the fit (``"float32"`` by default,
       whatever the params' dtype).
     seed: seed of the probes and of the update coin.
@@ -125,6 +140,7 @@ def preconditioner(
     precond_lr: ScalarOrSchedule = 0.1,
     init_scale: float | None = None,
     damping: float | None = None,
+    damping_type: str = "relative",
     precond_dtype: Any = "float32",
     seed: int = 0,
 ) -> optax.GradientTransformationExtraArgs:
@@ -160,10 +176,10 @@ def preconditioner(
   """
   check_engine_options(curvature=curvature, update_probability=update_probability,
                        precond_lr=precond_lr, init_scale=init_scale, damping=damping,
-                       precond_dtype=precond_dtype, seed=seed)
+                       damping_type=damping_type, precond_dtype=precond_dtype, seed=seed)
   if update_probability is None:
     update_probability = update_probability_schedule()
-  source = curvature_lib.make_curvature(curvature, damping)
+  source = curvature_lib.make_curvature(curvature, damping, damping_type)
   dtype = jnp.dtype(precond_dtype)
 
   def init_fn(params):
@@ -175,6 +191,7 @@ def preconditioner(
         count=jnp.zeros([], jnp.int32),
         preconditioner=jax.tree.map(init_leaf, params),
         scale_set=jax.tree.map(lambda _: jnp.asarray(init_scale is not None), params),
+        curvature=source.init(params, dtype),
     )
 
   def update_fn(updates, state, params=None, *, value_fn=None, hvp=None, vector=None,
@@ -197,8 +214,10 @@ def preconditioner(
     # group's own containers: frameworks such as flax.nnx hand states back re-containered.
     stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
     groups = [group_for_shape(tuple(leaf.shape), q) for leaf, q in zip(leaves, stored)]
-    q_leaves = [_rebuild(group, q) for group, q in zip(groups, stored)]
+    q_leaves = [_rebuild(lambda g=group: g.init(1.0, dtype), q)
+                for group, q in zip(groups, stored)]
     set_leaves = treedef.flatten_up_to(state.scale_set)
+    memory = _rebuild(lambda: source.init(updates, dtype), jax.tree.leaves(state.curvature))
 
     key = jax.random.fold_in(jax.random.key(seed), state.count)
     coin_key, probe_key = jax.random.split(key)
@@ -208,8 +227,8 @@ def preconditioner(
 
     def fit(carry):
       q_old, scale_set = carry
-      pair = source.pair(probe_key, grads, params, treedef, dtype, curvature_args)
-      finite = _all_finite([grads, pair.vectors, pair.products])
+      pair = source.pair(probe_key, grads, params, treedef, dtype, curvature_args, memory)
+      finite = _all_finite([grads, pair.vectors, pair.products]) & pair.valid
       q_new, set_new = [], []
       for group, q, was_set, v, h in zip(groups, q_old, scale_set, pair.vectors,
                                          pair.products):
@@ -235,6 +254,7 @@ def preconditioner(
         count=optax.safe_increment(state.count),
         preconditioner=treedef.unflatten(q_leaves),
         scale_set=treedef.unflatten(set_leaves),
+        curvature=source.remember(memory, grads, params, treedef, dtype),
     )
     return treedef.unflatten(preconditioned), new_state
 

@@ -55,3 +55,68 @@ def update_probability_schedule(
     return jnp.clip(prob, min_prob, max_prob)
 
   return schedule
+
+
+def log10_skip_schedule() -> Callable[[jax.Array], jax.Array]:
+  r"""The skipped-update rule of Li (2018): fit at step ``t`` iff ``t mod k(t) = 0``.
+
+  .. math:: k(t) = \max(\lfloor \log_{10} t \rfloor, 1)
+
+  so ``Q`` is fitted on every step up to 99, every 2nd up to 999, every 3rd up to 9999,
+  and so on (step 0 always fits). Returns 1.0 on fitting steps and 0.0 otherwise, for
+  ``update_probability=``.
+
+  Example:
+    >>> import psgd_optax as psgd
+    >>> schedule = psgd.log10_skip_schedule()
+    >>> [int(schedule(t)) for t in (0, 9, 99, 100, 101, 1000, 1001, 1002, 1003)]
+    [1, 1, 1, 1, 0, 0, 0, 1, 0]
+  """
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.int32)
+    # floor(log10 t) by comparison with powers of ten: exact, unlike a float log.
+    powers = jnp.asarray([10 ** k for k in range(1, 10)], jnp.int32)
+    digits = jnp.sum(count >= powers)
+    period = jnp.maximum(digits, 1).astype(jnp.int32)
+    return (count % period == 0).astype(jnp.float32)
+
+  return schedule
+
+
+def periodic_schedule(period: int, offset: int = 0) -> Callable[[jax.Array], jax.Array]:
+  """Fits ``Q`` every ``period`` steps (at ``t ≡ offset mod period``); 1.0 or 0.0.
+
+  Example:
+    >>> import psgd_optax as psgd
+    >>> schedule = psgd.periodic_schedule(3)
+    >>> [int(schedule(t)) for t in range(7)]
+    [1, 0, 0, 1, 0, 0, 1]
+  """
+  check_number("period", period, low=1.0)
+  check_number("offset", offset, low=0.0)
+  if int(period) != period:
+    raise ValueError(f"period must be an integer, got {period!r}.")
+
+  def schedule(count):
+    count = jnp.asarray(count, jnp.int32)
+    return ((count - offset) % int(period) == 0).astype(jnp.float32)
+
+  return schedule
+
+
+def bernoulli_schedule(probability: float) -> Callable[[jax.Array], jax.Array]:
+  """Fits ``Q`` with a constant probability on every step (the engine's coin); the same as
+  passing the float itself as ``update_probability``.
+
+  Example:
+    >>> import psgd_optax as psgd
+    >>> float(psgd.bernoulli_schedule(0.1)(1234))
+    0.10000000149011612
+  """
+  check_number("probability", probability, low=0.0, high=1.0)
+
+  def schedule(count):
+    return jnp.full(jnp.shape(count), probability, jnp.float32)
+
+  return schedule
