@@ -5,22 +5,43 @@
 """
 
 from psgd_optax import optimizers
-from psgd_optax._src.curvature import CURVATURES
+from psgd_optax._src.affine_pairs import AffinePairsState, affine_pairs
+from psgd_optax._src.curvature import CURVATURES, DAMPING_TYPES, SecantMemory
 from psgd_optax._src.engine import PSGDState, preconditioner
+from psgd_optax._src.groups.affine import affine_group, scan, scaw
 from psgd_optax._src.groups.dense import dense, dense_group
 from psgd_optax._src.groups.diag import diag, diag_group
 from psgd_optax._src.groups.geometry import GEOMETRIES
 from psgd_optax._src.groups.kron import KronGroup, KronState, factor_kinds, kron, kron_group
-from psgd_optax._src.schedules import update_probability_schedule
+from psgd_optax._src.groups.lra import LRAGroup, LRAState, lra, lra_group
+from psgd_optax._src.groups.splu import SPLUGroup, SPLUState, splu, splu_group
+from psgd_optax._src.groups.xmat import (InvolutionGroup, XState, butterfly, butterfly_group,
+                                         xmat, xmat_group)
+from psgd_optax._src.schedules import (bernoulli_schedule, log10_skip_schedule,
+                                       periodic_schedule, update_probability_schedule)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AffinePairsState",
     "CURVATURES",
+    "DAMPING_TYPES",
     "GEOMETRIES",
+    "InvolutionGroup",
     "KronGroup",
     "KronState",
+    "LRAGroup",
+    "LRAState",
     "PSGDState",
+    "SPLUGroup",
+    "SPLUState",
+    "SecantMemory",
+    "XState",
+    "affine_group",
+    "affine_pairs",
+    "bernoulli_schedule",
+    "butterfly",
+    "butterfly_group",
     "dense",
     "dense_group",
     "diag",
@@ -28,7 +49,17 @@ __all__ = [
     "factor_kinds",
     "kron",
     "kron_group",
+    "log10_skip_schedule",
+    "lra",
+    "lra_group",
     "optimizers",
+    "periodic_schedule",
     "preconditioner",
+    "scan",
+    "scaw",
+    "splu",
+    "splu_group",
     "update_probability_schedule",
+    "xmat",
+    "xmat_group",
 ]

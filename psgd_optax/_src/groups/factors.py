@@ -10,6 +10,12 @@ group for a given :class:`~psgd_optax._src.groups.geometry.Geometry`.
   definite under the inverse-free geometries.
 ``diagonal``
   a positive vector (the group of invertible diagonal matrices).
+``normalization``
+  diagonal plus last column (Li 2019 §5.3): ``Q = diag(d) + c e_nᵀ`` with ``c_n = 0``,
+  stored as the ``(2, n)`` array ``[d; c]``. For an axis holding ``[features; 1]`` it
+  scales and shifts the features (``x′ = Qx`` subtracts a learned mean through the
+  constant 1), a group because products and inverses keep the pattern. Only the
+  ``"eq"`` geometry (``Q`` is not symmetric).
 
 The integrated second moment of a probe (``E[vvᵀ]`` over the other axes, ``c·I``) is passed
 as a scalar ``c`` so that no ``n × n`` identity is ever stored.
@@ -114,4 +120,71 @@ class DiagonalFactor:
     return jnp.diag(q)
 
 
-FACTOR_KINDS = {"dense": DenseFactor, "diagonal": DiagonalFactor}
+@dataclasses.dataclass(frozen=True)
+class NormalizationFactor:
+  """``Q = diag(d) + c e_nᵀ`` (``c_n = 0``), stored as ``[d; c]`` of shape ``(2, n)``."""
+
+  size: int
+  kind: str = "normalization"
+
+  def identity(self, scale, dtype) -> jax.Array:
+    ones = jnp.ones((self.size,), dtype)
+    return jnp.stack([jnp.asarray(scale, dtype) * ones, 0 * ones])
+
+  def apply(self, q, x, axis, transpose=False):
+    d, c = q[0], q[1]
+    scaled = x * _broadcast_along(d, x.ndim, axis)
+    last = jnp.take(x, jnp.asarray([self.size - 1]), axis=axis)
+    if not transpose:  # Q x = d ⊙ x + c · x_n
+      return scaled + _broadcast_along(c, x.ndim, axis) * last
+    # Qᵀ x = d ⊙ x + e_n (cᵀ x)
+    column = jnp.sum(x * _broadcast_along(c, x.ndim, axis), axis=axis, keepdims=True)
+    return scaled + column * _broadcast_along(self._last_indicator(x.dtype), x.ndim, axis)
+
+  def _last_indicator(self, dtype):
+    return jnp.zeros((self.size,), dtype).at[-1].set(1)
+
+  def solve_transpose(self, q, x, axis):
+    """``Q⁻ᵀ x``: ``y_i = x_i / d_i`` for ``i < n``, then ``y_n = (x_n − cᵀy) / d_n``."""
+    d, c = q[0], q[1]
+    solved = x / _broadcast_along(d, x.ndim, axis)  # c_n = 0, so y_n's term drops out
+    column = jnp.sum(solved * _broadcast_along(c, x.ndim, axis), axis=axis, keepdims=True)
+    correction = -column / d[-1] * _broadcast_along(self._last_indicator(x.dtype), x.ndim, axis)
+    return solved + correction
+
+  def second_moment(self, x, axis):
+    """The pattern's entries of ``Σ_others x xᵀ``: the diagonal and the last column."""
+    others = _other_axes(x.ndim, axis)
+    last = jnp.take(x, jnp.asarray([self.size - 1]), axis=axis)
+    diagonal = jnp.sum(x * x, axis=others)
+    column = jnp.sum(x * last, axis=others) * (1 - self._last_indicator(x.dtype))
+    return jnp.stack([diagonal, column])
+
+  def norm_bound(self, t1, t2):
+    # ‖diag(e) + f e_nᵀ‖ ≤ max|e| + ‖f‖ for the pattern of |T1| + |T2|.
+    if jnp.ndim(t2) == 0:
+      return jnp.max(t1[0] + t2) + jnp.sqrt(jnp.sum(t1[1] ** 2))
+    return (jnp.max(t1[0] + t2[0]) + jnp.sqrt(jnp.sum(t1[1] ** 2))
+            + jnp.sqrt(jnp.sum(t2[1] ** 2)))
+
+  def step(self, q, t1, t2, step, geometry: Geometry):
+    if not geometry.keeps_triangular:
+      raise ValueError("the normalization factor moves only with geometry='eq'.")
+    if jnp.ndim(t2) == 0:
+      direction = t1 - jnp.stack([t2 * jnp.ones_like(t1[0]), jnp.zeros_like(t1[1])])
+    else:
+      direction = t1 - t2
+    e, f = direction[0], direction[1]
+    d, c = q[0], q[1]
+    # (I − μE)Q with E = diag(e) + f e_nᵀ: the pattern is closed under products.
+    return jnp.stack([d - step * e * d, c - step * (e * c + f * d[-1])])
+
+  def max_abs(self, q):
+    return jnp.max(jnp.abs(q))
+
+  def matrix(self, q):
+    return jnp.diag(q[0]).at[:, -1].add(q[1])
+
+
+FACTOR_KINDS = {"dense": DenseFactor, "triangular": DenseFactor,
+                "diagonal": DiagonalFactor, "normalization": NormalizationFactor}

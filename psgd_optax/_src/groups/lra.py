@@ -1,0 +1,222 @@
+r"""Low-rank approximation (LRA): ``Q = diag(d)(I + UVᵀ)`` with ``U, V ∈ ℝ^{n×r}``.
+
+Li et al. (2023, Appendix C–D). ``P = QᵀQ`` can have eigenvalues far above *and* far
+below the diagonal part's (Theorem 3.2), so with ``r ≪ n`` it fits both tails of a
+Hessian's spectrum, which ``ρI + UUᵀ`` cannot. The three parts are fitted on their own
+groups with ``a = Qh`` and ``b = Q⁻ᵀv``:
+
+- ``d`` on the diagonal group (``dQ = E_d Q``): ``d ← d − μ(a² − b²) ⊙ d``, the triangular
+  rule of :func:`psgd_optax.diag` with ``geometry="eq"``, so ``rank=0`` *is* that
+  preconditioner.
+- ``U`` on ``A_V(U) = I + UVᵀ`` (``V`` fixed, ``dA = EVᵀA``):
+  ``∇_U = D M D⁻¹ V`` with ``M = aaᵀ − bbᵀ``, ``U ← U − μ ∇_U (I + VᵀU)``.
+- ``V`` on ``A_U(V)`` (``U`` fixed, ``dA = UEᵀA``): ``∇_V = D⁻¹ M D U``,
+  ``V ← V − μ (I + VUᵀ) ∇_V``.
+
+``U`` and ``V`` take turns, one per fit (the two are different groups). ``Q⁻ᵀv`` needs one
+``r × r`` solve (Woodbury: ``(I + VUᵀ)⁻¹ = I − V(I + UᵀV)⁻¹Uᵀ``). Each step is normalized
+by a Lipschitz estimate of its generator's norm (``‖∇_U Vᵀ‖``, at most rank two), so
+``μ‖generator‖ < 1`` keeps ``Q`` on the group. After every fit ``U`` and ``V`` are
+rescaled to equal norms (``UVᵀ`` is unchanged). ``U`` and ``V`` start small and random
+(fixed seed): at ``U = V = 0`` neither gradient moves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from psgd_optax._src.family import keyword, preconditioner_family
+from psgd_optax._src.groups.factors import DiagonalFactor
+from psgd_optax._src.groups.geometry import get_geometry
+from psgd_optax._src.normalize import lipschitz_update, safe_step
+from psgd_optax._src.validation import check_number
+
+_EQ = get_geometry("eq")
+
+
+class LRAState(NamedTuple):
+  """``Q = diag(d)(I + UVᵀ)``; ``lipschitz`` holds the estimates for ``d``, ``U``, ``V``;
+  ``fit_u`` is 1.0 when the next fit moves ``U`` (0.0: ``V``)."""
+
+  d: jax.Array
+  u: jax.Array
+  v: jax.Array
+  lipschitz: jax.Array
+  fit_u: jax.Array
+
+
+def _norm(x):
+  return jnp.sqrt(jnp.sum(x * x))
+
+
+@dataclasses.dataclass(frozen=True)
+class LRAGroup:
+  """``diag(d)(I + UVᵀ)`` over a flattened leaf of ``shape``, rank ``min(rank, n)``."""
+
+  shape: tuple[int, ...]
+  rank: int = 10
+  lipschitz_decay: float = 0.9
+
+  @property
+  def size(self) -> int:
+    size = 1
+    for n in self.shape:
+      size *= n
+    return size
+
+  @property
+  def effective_rank(self) -> int:
+    return min(self.rank, self.size)
+
+  def init(self, scale, dtype) -> LRAState:
+    n, r = self.size, self.effective_rank
+    key_u, key_v = jax.random.split(jax.random.key(0))
+    # Columns of norm ~0.1: I + UVᵀ starts close to I but with a nonzero gradient.
+    spread = 0.1 / max(n * max(r, 1), 1) ** 0.5
+    return LRAState(
+        d=jnp.asarray(scale, dtype) * jnp.ones((n,), dtype),
+        u=spread * jax.random.normal(key_u, (n, r), dtype),
+        v=spread * jax.random.normal(key_v, (n, r), dtype),
+        lipschitz=jnp.zeros((3,), dtype),
+        fit_u=jnp.ones([], dtype),
+    )
+
+  def _apply_a(self, q, x):
+    return x + q.u @ (q.v.T @ x) if self.effective_rank else x
+
+  def _apply_a_transpose(self, q, x):
+    return x + q.v @ (q.u.T @ x) if self.effective_rank else x
+
+  def _solve_a_transpose(self, q, x):
+    """``(I + VUᵀ)⁻¹ x = x − V (I + UᵀV)⁻¹ Uᵀx`` (an r × r solve)."""
+    if not self.effective_rank:
+      return x
+    small = jnp.eye(self.effective_rank, dtype=x.dtype) + q.u.T @ q.v
+    return x - q.v @ jnp.linalg.solve(small, q.u.T @ x)
+
+  def precondition(self, q: LRAState, g):
+    fitted = q.d * self._apply_a(q, g.reshape(-1))
+    return self._apply_a_transpose(q, q.d * fitted).reshape(g.shape)
+
+  def solve_transpose(self, q: LRAState, x):
+    """``Q⁻ᵀ x = D⁻¹ (I + VUᵀ)⁻¹ x`` for a leaf-shaped ``x``."""
+    return (self._solve_a_transpose(q, x.reshape(-1)) / q.d).reshape(x.shape)
+
+  def update(self, q: LRAState, v, h, lr, *, integrate_probe: bool) -> LRAState:
+    del integrate_probe  # the fit needs Q⁻ᵀv explicitly
+    h, v = h.reshape(-1), v.reshape(-1)
+    a_h = self._apply_a(q, h)              # A h
+    fitted = q.d * a_h                     # a = Q h
+    a_inv_v = self._solve_a_transpose(q, v)  # A⁻ᵀ v
+    probe = a_inv_v / q.d                  # b = Q⁻ᵀ v
+
+    diagonal = DiagonalFactor(self.size)
+    t1, t2 = fitted * fitted, probe * probe
+    lipschitz_d = lipschitz_update(q.lipschitz[0], diagonal.norm_bound(t1, t2),
+                                   self.lipschitz_decay)
+    d = diagonal.step(q.d, t1, t2, safe_step(lr, lipschitz_d), _EQ)
+    if not self.effective_rank:
+      return q._replace(d=d, lipschitz=q.lipschitz.at[0].set(lipschitz_d))
+
+    # With x = D a = D²Ah, y = D⁻¹a = Ah, p = D b = A⁻ᵀv, s = D⁻¹ b:
+    # ∇_U = x (Vᵀy)ᵀ − p (Vᵀs)ᵀ and ∇_V = y (Uᵀx)ᵀ − s (Uᵀp)ᵀ.
+    x, y, p, s = q.d * fitted, a_h, a_inv_v, probe / q.d
+
+    def move_u(_):
+      grad = jnp.outer(x, q.v.T @ y) - jnp.outer(p, q.v.T @ s)
+      bound = _norm(x) * _norm(q.v @ (q.v.T @ y)) + _norm(p) * _norm(q.v @ (q.v.T @ s))
+      lipschitz = lipschitz_update(q.lipschitz[1], bound, self.lipschitz_decay)
+      small = jnp.eye(self.effective_rank, dtype=h.dtype) + q.v.T @ q.u
+      u = q.u - safe_step(lr, lipschitz) * (grad @ small)
+      return u, q.v, q.lipschitz.at[1].set(lipschitz)
+
+    def move_v(_):
+      grad = jnp.outer(y, q.u.T @ x) - jnp.outer(s, q.u.T @ p)
+      bound = _norm(q.u @ (q.u.T @ x)) * _norm(y) + _norm(q.u @ (q.u.T @ p)) * _norm(s)
+      lipschitz = lipschitz_update(q.lipschitz[2], bound, self.lipschitz_decay)
+      v_new = q.v - safe_step(lr, lipschitz) * (grad + q.v @ (q.u.T @ grad))
+      return q.u, v_new, q.lipschitz.at[2].set(lipschitz)
+
+    u, v_new, lipschitz = jax.lax.cond(q.fit_u > 0.5, move_u, move_v, None)
+    u, v_new = self._balance(u, v_new)
+    return LRAState(d=d, u=u, v=v_new, lipschitz=lipschitz.at[0].set(lipschitz_d),
+                    fit_u=1.0 - q.fit_u)
+
+  @staticmethod
+  def _balance(u, v):
+    """Equal Frobenius norms for ``U`` and ``V`` (``UVᵀ`` unchanged)."""
+    norm_u, norm_v = _norm(u), _norm(v)
+    ok = (norm_u > 0) & (norm_v > 0)
+    ratio = jnp.sqrt(jnp.where(ok, norm_u, 1.0) / jnp.where(ok, norm_v, 1.0))
+    return u / ratio, v * ratio
+
+  def q_matrix(self, q: LRAState) -> jax.Array:
+    """The dense ``Q`` (for tests and plots)."""
+    identity = jnp.eye(self.size, dtype=q.d.dtype)
+    return q.d[:, None] * (identity + q.u @ q.v.T)
+
+  def materialize(self, q: LRAState) -> jax.Array:
+    matrix = self.q_matrix(q)
+    return matrix.T @ matrix
+
+
+def lra_group(shape, *, rank=10, lipschitz_decay=0.9) -> LRAGroup:
+  """The LRA group of ``rank`` over a leaf of ``shape`` (flattened)."""
+  return LRAGroup(tuple(shape), int(rank), lipschitz_decay)
+
+
+def _check_options(*, rank, lipschitz_decay):
+  check_number("rank", rank, low=0.0)
+  if int(rank) != rank:
+    raise ValueError(f"rank must be an integer, got {rank!r}.")
+  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
+
+
+def _group_for_options(*, rank, lipschitz_decay):
+  def group_for_shape(shape, state_leaves=None):
+    # The rank is read from the state in update (inject_hyperparams may trace options).
+    effective = rank if state_leaves is None else state_leaves[2].shape[-1]
+    return LRAGroup(tuple(shape), int(effective), lipschitz_decay)
+  return group_for_shape
+
+
+lra = preconditioner_family(
+    "lra", __name__,
+    [keyword("rank", 10, int), keyword("lipschitz_decay", 0.9, float)],
+    _group_for_options, _check_options,
+    r"""PSGD with a low-rank-plus-diagonal preconditioner ``Q = diag(d)(I + UVᵀ)`` per leaf.
+
+  .. math::
+    P = (I + VU^\top)\,\mathrm{diag}(d)^2\,(I + UV^\top), \qquad
+    U, V \in \mathbb{R}^{n \times r},
+
+  fitted on the diagonal group and on the groups :math:`A_V(U)` and :math:`A_U(V)` (see
+  :mod:`psgd_optax._src.groups.lra`). Memory ``(2r + 1)n`` and ``O(rn)`` work per fit,
+  so it suits large leaves and whole models: ``optax.flatten(psgd.lra(rank=10))``.
+  ``rank=0`` is exactly ``psgd.diag(geometry="eq")``.
+
+  Args:
+    rank: ``r``, the number of columns of ``U`` and ``V`` (capped at the leaf size).
+    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.
+{engine_args}
+
+  Returns:
+    An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import psgd_optax as psgd
+    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
+    >>> tx = optax.flatten(psgd.lra(rank=2, curvature="newton"))
+    >>> state = tx.init(params)
+    >>> state.preconditioner.u.shape   # one LRA over all 15 parameters
+    (15, 2)
+
+  References:
+    Li, Xu and Demir, *Curvature-informed SGD via general purpose Lie-group
+    preconditioners*, 2023 (Section 3.2, Appendices C–D).
+""")
