@@ -11,7 +11,10 @@ import psgd_optax as psgd
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 20, dtype=jnp.float32).reshape(4, 5),
           "b": jnp.zeros((5,), jnp.float32)}
 FAMILIES = {"kron": psgd.kron, "dense": psgd.dense, "diag": psgd.diag,
-            "kron_eq": lambda **kw: psgd.kron(geometry="eq", **kw)}
+            "kron_eq": lambda **kw: psgd.kron(geometry="eq", **kw),
+            "lra": lambda **kw: psgd.lra(rank=3, **kw), "xmat": psgd.xmat,
+            "butterfly": psgd.butterfly, "splu": lambda **kw: psgd.splu(order=3, **kw),
+            "scan": psgd.scan, "scaw": psgd.scaw}
 
 
 def _grads(scale=1.0, seed=0):
@@ -127,6 +130,13 @@ INVALID = [
     (psgd.optimizers.kron, {"precond_lr": 2e9, "update_probability": 2.0}, "update_probability"),
     (psgd.update_probability_schedule, {"min_prob": 2.0}, "min_prob"),
     (psgd.update_probability_schedule, {"max_prob": 0.0}, "max_prob"),
+    (psgd.lra, {"rank": -1}, "rank"),
+    (psgd.lra, {"rank": 2.5}, "rank"),
+    (psgd.splu, {"order": -2}, "order"),
+    (psgd.xmat, {"lipschitz_decay": 1.5}, "lipschitz_decay"),
+    (psgd.scan, {"damping_type": "huge"}, "damping_type"),
+    (psgd.butterfly, {"curvature": "bfgs"}, "curvature"),
+    (psgd.periodic_schedule, {"period": 0}, "period"),
 ]
 
 

@@ -7,7 +7,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from psgd_optax._src.validation import check_number
+from psgd_optax._src.validation import check_integer, check_number
 
 
 def update_probability_schedule(
@@ -93,10 +93,8 @@ def periodic_schedule(period: int, offset: int = 0) -> Callable[[jax.Array], jax
     >>> [int(schedule(t)) for t in range(7)]
     [1, 0, 0, 1, 0, 0, 1]
   """
-  check_number("period", period, low=1.0)
-  check_number("offset", offset, low=0.0)
-  if int(period) != period:
-    raise ValueError(f"period must be an integer, got {period!r}.")
+  check_integer("period", period, low=1.0)
+  check_integer("offset", offset, low=0.0)
 
   def schedule(count):
     count = jnp.asarray(count, jnp.int32)

@@ -62,3 +62,11 @@ def check_number(
 def check_choice(name: str, value: Any, choices) -> None:
   if value not in choices:
     raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}.")
+
+
+def check_integer(name: str, value: Any, *, low: float | None = None) -> None:
+  """Like :func:`check_number`, and a concrete value must be a whole number."""
+  check_number(name, value, low=low)
+  number = concrete_float(value)
+  if number is not None and int(number) != number:
+    raise ValueError(f"{name} must be an integer, got {value!r}.")

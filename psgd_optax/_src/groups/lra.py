@@ -33,7 +33,7 @@ from psgd_optax._src.family import keyword, preconditioner_family
 from psgd_optax._src.groups.factors import DiagonalFactor
 from psgd_optax._src.groups.geometry import get_geometry
 from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_number
+from psgd_optax._src.validation import check_integer, check_number
 
 _EQ = get_geometry("eq")
 
@@ -170,9 +170,7 @@ def lra_group(shape, *, rank=10, lipschitz_decay=0.9) -> LRAGroup:
 
 
 def _check_options(*, rank, lipschitz_decay):
-  check_number("rank", rank, low=0.0)
-  if int(rank) != rank:
-    raise ValueError(f"rank must be an integer, got {rank!r}.")
+  check_integer("rank", rank, low=0.0)
   check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
 
 

@@ -35,7 +35,7 @@ from jax.scipy.linalg import solve_triangular
 
 from psgd_optax._src.family import keyword, preconditioner_family
 from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_number
+from psgd_optax._src.validation import check_integer, check_number
 
 
 class SPLUState(NamedTuple):
@@ -258,9 +258,7 @@ def splu_group(shape, *, order=10, lipschitz_decay=0.9) -> SPLUGroup:
 
 
 def _check_options(*, order, lipschitz_decay):
-  check_number("order", order, low=0.0)
-  if int(order) != order:
-    raise ValueError(f"order must be an integer, got {order!r}.")
+  check_integer("order", order, low=0.0)
   check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
 
 
