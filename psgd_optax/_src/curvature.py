@@ -44,7 +44,7 @@ Damping (Li 2018 §III.C), added to ``h`` by every source (``damping_type``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
