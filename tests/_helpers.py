@@ -1,5 +1,7 @@
-"""Shared test fixtures: matrices with known spectra and fit-error measures."""
+"""Shared test fixtures: matrices with known spectra, fit-error measures, fitting loops."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -26,3 +28,27 @@ def fit_error(p, target_inverse):
   """‖P T − I‖_F / √n: how far P is from T⁻¹."""
   n = p.shape[0]
   return float(np.linalg.norm(np.asarray(p, np.float64) @ target_inverse - np.eye(n)) / np.sqrt(n))
+
+
+def newton_fit(tx, group, hessian, shape, steps, chunk=100):
+  """Fits ``tx`` (Newton type) to the quadratic ``½xᵀHx`` with the library's own probes.
+
+  Returns the fit errors ``‖P|H| − I‖/√n`` after every ``chunk`` updates and the final
+  state. Run under ``jax.enable_x64(True)`` for float64.
+  """
+  hessian = jnp.asarray(hessian)
+  loss = lambda x: 0.5 * x.reshape(-1) @ (hessian @ x.reshape(-1))
+  x = jnp.zeros(shape, hessian.dtype)
+
+  @jax.jit
+  def run_chunk(state):
+    body = lambda _, s: tx.update(jnp.zeros_like(x), s, x, value_fn=loss)[1]
+    return jax.lax.fori_loop(0, chunk, body, state)
+
+  state = tx.init(x)
+  target = matrix_abs(np.asarray(hessian))
+  errors = []
+  for _ in range(steps // chunk):
+    state = run_chunk(state)
+    errors.append(fit_error(group.materialize(state.preconditioner), target))
+  return errors, state

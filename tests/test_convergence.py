@@ -20,29 +20,14 @@ import optax
 import pytest
 
 import psgd_optax as psgd
-from _helpers import fit_error, matrix_abs, matrix_sqrt, random_spd, random_symmetric
+from _helpers import (fit_error, matrix_abs, matrix_sqrt, newton_fit, random_spd,
+                      random_symmetric)
 
 
 def _newton_fit(family, group, hessian, shape, steps, chunk=100, **options):
-  """Fits P to a fixed quadratic with the library's own probes; returns errors per chunk."""
-  hessian = jnp.asarray(hessian)
-  loss = lambda x: 0.5 * x.reshape(-1) @ (hessian @ x.reshape(-1))
+  """Fit errors per chunk of a ``family`` fitted in float64 to a fixed quadratic."""
   tx = family(curvature="newton", update_probability=1.0, precond_dtype=jnp.float64, **options)
-  x = jnp.zeros(shape, jnp.float64)
-  zeros = jnp.zeros(shape, jnp.float64)
-
-  @jax.jit
-  def run_chunk(state):
-    body = lambda _, s: tx.update(zeros, s, x, value_fn=loss)[1]
-    return jax.lax.fori_loop(0, chunk, body, state)
-
-  state = tx.init(x)
-  target = matrix_abs(np.asarray(hessian))
-  errors = []
-  for _ in range(steps // chunk):
-    state = run_chunk(state)
-    errors.append(fit_error(group.materialize(state.preconditioner), target))
-  return errors
+  return newton_fit(tx, group, hessian, shape, steps, chunk)[0]
 
 
 def _first_below(errors, tol, chunk=100):

@@ -27,7 +27,7 @@ import pytest
 
 import psgd_optax as psgd
 from psgd_optax._src.groups.factors import NormalizationFactor
-from _helpers import fit_error
+from _helpers import fit_error, newton_fit
 
 
 def _x64(fn):
@@ -206,24 +206,6 @@ def test_affine_groups_precondition_equals_materialized_kronecker_product(family
 # -- Newton convergence ---------------------------------------------------------------
 
 
-def _newton_errors(tx, group, hessian, shape, steps, chunk):
-  hessian = jnp.asarray(hessian)
-  loss = lambda x: 0.5 * x.reshape(-1) @ (hessian @ x.reshape(-1))
-  x = jnp.zeros(shape, jnp.float64)
-
-  @jax.jit
-  def run_chunk(state):
-    return jax.lax.fori_loop(0, chunk, lambda _, s: tx.update(x, s, x, value_fn=loss)[1],
-                             state)
-
-  state = tx.init(x)
-  errors = []
-  for _ in range(steps // chunk):
-    state = run_chunk(state)
-    errors.append(fit_error(group.materialize(state.preconditioner), np.asarray(hessian)))
-  return errors, state
-
-
 def _target_hessian(q_matrix):
   q_matrix = np.asarray(q_matrix)
   return np.linalg.inv(q_matrix.T @ q_matrix)
@@ -237,7 +219,7 @@ def test_lra_newton_fits_diagonal_plus_low_rank_hessian_to_1e_8():
   hessian = np.diag(rng.uniform(0.1, 10.0, n)) + low_rank @ low_rank.T
   tx = psgd.lra(rank=r, curvature="newton", update_probability=1.0, precond_lr=1.0,
                 precond_dtype=jnp.float64)
-  errors, _ = _newton_errors(tx, psgd.lra_group((n,), rank=r), hessian, (n,), 10_000, 1000)
+  errors, _ = newton_fit(tx, psgd.lra_group((n,), rank=r), hessian, (n,), 10_000, 1000)
   assert errors[-1] < 1e-8, errors
 
 
@@ -250,7 +232,7 @@ def test_permutation_groups_newton_converge_to_inverse_hessian(family, group_fn,
   hessian = _target_hessian(group.q_matrix(_random_x_state(group, np.random.default_rng(n))))
   tx = family(curvature="newton", update_probability=1.0, precond_lr=1.0,
               precond_dtype=jnp.float64)
-  errors, _ = _newton_errors(tx, group, hessian, (n,), 1500, 300)
+  errors, _ = newton_fit(tx, group, hessian, (n,), 1500, 300)
   assert errors[-1] < 1e-6, errors
 
 
@@ -260,7 +242,7 @@ def test_splu_newton_converges_to_inverse_hessian():
   hessian = _target_hessian(group.q_matrix(_random_splu_state(group, np.random.default_rng(7))))
   tx = psgd.splu(order=7, curvature="newton", update_probability=1.0, precond_lr=1.0,
                  precond_dtype=jnp.float64)
-  errors, _ = _newton_errors(tx, group, hessian, (8,), 9000, 1500)
+  errors, _ = newton_fit(tx, group, hessian, (8,), 9000, 1500)
   assert errors[-1] < 1e-6, errors
 
 
@@ -277,7 +259,7 @@ def test_affine_groups_newton_converge_to_inverse_hessian(family, kind, steps):
   hessian = np.linalg.inv(np.asarray(group.materialize(q)))
   tx = family(curvature="newton", update_probability=1.0, precond_lr=1.0,
               precond_dtype=jnp.float64)
-  errors, _ = _newton_errors(tx, group, hessian, shape, steps, 500)
+  errors, _ = newton_fit(tx, group, hessian, shape, steps, 500)
   assert errors[-1] < 1e-6, errors
 
 
@@ -316,7 +298,7 @@ def test_lra_fits_both_tails_of_the_spectrum_unlike_diag():
                        precond_dtype=jnp.float64), psgd.lra_group((n,), rank=10)),
       ("diag", psgd.diag(geometry="eq", curvature="newton", update_probability=1.0,
                          precond_lr=1.0, precond_dtype=jnp.float64), psgd.diag_group((n,)))]:
-    _, state = _newton_errors(tx, group, hessian, (n,), 6000, 2000)
+    _, state = newton_fit(tx, group, hessian, (n,), 6000, 2000)
     p = np.asarray(group.materialize(state.preconditioner))
     root = np.linalg.cholesky(p)
     eigenvalues = np.linalg.eigvalsh(root.T @ hessian @ root)

@@ -218,18 +218,16 @@ class FiniteDifference(_Stateless):
     del grads, memory
     param_leaves = treedef.flatten_up_to(params)
     probes = _probe_leaves(key, param_leaves, dtype)
-    vectors, moved = [], []
-    for probe, leaf in zip(probes, param_leaves):
-      delta = jnp.sqrt(jnp.finfo(leaf.dtype).eps).astype(leaf.dtype)
-      shifted = leaf + delta * probe.astype(leaf.dtype)
-      moved.append(shifted)
-      vectors.append(((shifted - leaf) / delta).astype(dtype))
+    deltas = [jnp.sqrt(jnp.finfo(leaf.dtype).eps).astype(leaf.dtype) for leaf in param_leaves]
+    moved = [leaf + delta * probe.astype(leaf.dtype)
+             for leaf, delta, probe in zip(param_leaves, deltas, probes)]
+    vectors = [((shifted - leaf) / delta).astype(dtype)
+               for shifted, leaf, delta in zip(moved, param_leaves, deltas)]
     gradient = jax.grad(extra_args["value_fn"])
     at_params = treedef.flatten_up_to(gradient(params))
     at_moved = treedef.flatten_up_to(gradient(treedef.unflatten(moved)))
-    products = [
-        ((b.astype(dtype) - a.astype(dtype)) / jnp.sqrt(jnp.finfo(p.dtype).eps)).astype(dtype)
-        for a, b, p in zip(at_params, at_moved, param_leaves)]
+    products = [(b.astype(dtype) - a.astype(dtype)) / delta.astype(dtype)
+                for a, b, delta in zip(at_params, at_moved, deltas)]
     return CurvaturePair(vectors, self.damping(key, vectors, products),
                          integrate_probe=False)
 

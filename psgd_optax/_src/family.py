@@ -13,6 +13,7 @@ from typing import Callable, Sequence
 import optax
 
 from psgd_optax._src import engine
+from psgd_optax._src.validation import check_number
 
 _ENGINE_PARAMETERS = [p for name, p in inspect.signature(engine.preconditioner).parameters.items()
                       if name != "group_for_shape"]
@@ -80,3 +81,13 @@ def preconditioner_family(
 def keyword(name: str, default, annotation=inspect.Parameter.empty) -> inspect.Parameter:
   return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
                            annotation=annotation)
+
+
+# The option every group family shares: its signature entry, Args entry and check.
+LIPSCHITZ_DECAY_OPTION = keyword("lipschitz_decay", 0.9, float)
+LIPSCHITZ_DECAY_DOC = (
+    "    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.")
+
+
+def check_lipschitz_decay(lipschitz_decay) -> None:
+  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)

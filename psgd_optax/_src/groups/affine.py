@@ -23,11 +23,11 @@ from __future__ import annotations
 
 import math
 
-from psgd_optax._src.family import keyword, preconditioner_family
+from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
+                                     check_lipschitz_decay, preconditioner_family)
 from psgd_optax._src.groups.factors import DiagonalFactor, FACTOR_KINDS
 from psgd_optax._src.groups.geometry import get_geometry
 from psgd_optax._src.groups.kron import KronGroup
-from psgd_optax._src.validation import check_number
 
 
 def affine_group(shape, input_kind: str, *, lipschitz_decay=0.9) -> KronGroup:
@@ -49,10 +49,6 @@ def affine_group(shape, input_kind: str, *, lipschitz_decay=0.9) -> KronGroup:
   return KronGroup(shape, tuple(factors), geometry, lipschitz_decay)
 
 
-def _check_options(*, lipschitz_decay):
-  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
-
-
 def _group_for_options(input_kind):
   def group_for_options(*, lipschitz_decay):
     def group_for_shape(shape, state_leaves=None):
@@ -62,7 +58,7 @@ def _group_for_options(input_kind):
   return group_for_options
 
 
-_OPTIONS = [keyword("lipschitz_decay", 0.9, float)]
+_OPTIONS = [LIPSCHITZ_DECAY_OPTION]
 _LAYOUT = """
   Matrix leaves must be laid out as ``Θ = [weights; bias]`` of shape ``(in + 1, out)``:
   the last row multiplies the constant input 1. For Flax ``Dense`` layers wrap the
@@ -70,7 +66,7 @@ _LAYOUT = """
   ``(in, out)`` with its ``bias`` ``(out,)`` (and splits the result back)."""
 
 scan = preconditioner_family(
-    "scan", __name__, _OPTIONS, _group_for_options("normalization"), _check_options,
+    "scan", __name__, _OPTIONS, _group_for_options("normalization"), check_lipschitz_decay,
     r"""PSGD with the scaling-and-normalization (SCAN) preconditioner for affine layers.
 
   .. math::
@@ -82,7 +78,7 @@ scan = preconditioner_family(
 """ + _LAYOUT + """
 
   Args:
-    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.
+""" + LIPSCHITZ_DECAY_DOC + """
 {engine_args}
 
   Returns:
@@ -100,7 +96,7 @@ scan = preconditioner_family(
 """)
 
 scaw = preconditioner_family(
-    "scaw", __name__, _OPTIONS, _group_for_options("triangular"), _check_options,
+    "scaw", __name__, _OPTIONS, _group_for_options("triangular"), check_lipschitz_decay,
     r"""PSGD with the scaling-and-whitening preconditioner for affine layers.
 
   .. math::
@@ -112,7 +108,7 @@ scaw = preconditioner_family(
 """ + _LAYOUT + """
 
   Args:
-    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.
+""" + LIPSCHITZ_DECAY_DOC + """
 {engine_args}
 
   Returns:

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from psgd_optax._src.family import keyword, preconditioner_family
+from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
+                                     check_lipschitz_decay, keyword, preconditioner_family)
 from psgd_optax._src.groups.factors import FACTOR_KINDS, DenseFactor, DiagonalFactor
 from psgd_optax._src.groups.geometry import GEOMETRIES, Geometry, get_geometry
 from psgd_optax._src.normalize import lipschitz_update, safe_step
@@ -204,17 +205,17 @@ def state_factor_kinds(state_leaves) -> tuple[str, ...]:
 def check_group_options(geometry, lipschitz_decay) -> None:
   """Validates the options every group built from factors shares."""
   check_choice("geometry", geometry, GEOMETRIES)
-  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
+  check_lipschitz_decay(lipschitz_decay)
 
 
 GEOMETRY_OPTIONS = [
     keyword("geometry", "q0.5eq1.5", str),
-    keyword("lipschitz_decay", 0.9, float),
+    LIPSCHITZ_DECAY_OPTION,
 ]
 GEOMETRY_ARGS_DOC = """    geometry: how ``Q`` moves: ``"q0.5eq1.5"`` (default, inverse-free, ``Q`` kept SPD),
       ``"eq"`` (the papers' triangular rule) or ``"quad"``; see
       :mod:`psgd_optax._src.groups.geometry`.
-    lipschitz_decay: decay of the Lipschitz estimate that normalizes fit steps."""
+""" + LIPSCHITZ_DECAY_DOC
 
 
 def _kron_group_for_options(*, max_size, max_skew, memory_save_mode, geometry,

@@ -24,16 +24,19 @@ rescaled to equal norms (``UVᵀ`` is unchanged). ``U`` and ``V`` start small an
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.numpy.linalg import norm
 
-from psgd_optax._src.family import keyword, preconditioner_family
+from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
+                                     check_lipschitz_decay, keyword, preconditioner_family)
 from psgd_optax._src.groups.factors import DiagonalFactor
 from psgd_optax._src.groups.geometry import get_geometry
 from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_integer, check_number
+from psgd_optax._src.validation import check_integer
 
 _EQ = get_geometry("eq")
 
@@ -49,10 +52,6 @@ class LRAState(NamedTuple):
   fit_u: jax.Array
 
 
-def _norm(x):
-  return jnp.sqrt(jnp.sum(x * x))
-
-
 @dataclasses.dataclass(frozen=True)
 class LRAGroup:
   """``diag(d)(I + UVᵀ)`` over a flattened leaf of ``shape``, rank ``min(rank, n)``."""
@@ -63,10 +62,7 @@ class LRAGroup:
 
   @property
   def size(self) -> int:
-    size = 1
-    for n in self.shape:
-      size *= n
-    return size
+    return math.prod(self.shape)
 
   @property
   def effective_rank(self) -> int:
@@ -128,7 +124,7 @@ class LRAGroup:
 
     def move_u(_):
       grad = jnp.outer(x, q.v.T @ y) - jnp.outer(p, q.v.T @ s)
-      bound = _norm(x) * _norm(q.v @ (q.v.T @ y)) + _norm(p) * _norm(q.v @ (q.v.T @ s))
+      bound = norm(x) * norm(q.v @ (q.v.T @ y)) + norm(p) * norm(q.v @ (q.v.T @ s))
       lipschitz = lipschitz_update(q.lipschitz[1], bound, self.lipschitz_decay)
       small = jnp.eye(self.effective_rank, dtype=h.dtype) + q.v.T @ q.u
       u = q.u - safe_step(lr, lipschitz) * (grad @ small)
@@ -136,7 +132,7 @@ class LRAGroup:
 
     def move_v(_):
       grad = jnp.outer(y, q.u.T @ x) - jnp.outer(s, q.u.T @ p)
-      bound = _norm(q.u @ (q.u.T @ x)) * _norm(y) + _norm(q.u @ (q.u.T @ p)) * _norm(s)
+      bound = norm(q.u @ (q.u.T @ x)) * norm(y) + norm(q.u @ (q.u.T @ p)) * norm(s)
       lipschitz = lipschitz_update(q.lipschitz[2], bound, self.lipschitz_decay)
       v_new = q.v - safe_step(lr, lipschitz) * (grad + q.v @ (q.u.T @ grad))
       return q.u, v_new, q.lipschitz.at[2].set(lipschitz)
@@ -149,7 +145,7 @@ class LRAGroup:
   @staticmethod
   def _balance(u, v):
     """Equal Frobenius norms for ``U`` and ``V`` (``UVᵀ`` unchanged)."""
-    norm_u, norm_v = _norm(u), _norm(v)
+    norm_u, norm_v = norm(u), norm(v)
     ok = (norm_u > 0) & (norm_v > 0)
     ratio = jnp.sqrt(jnp.where(ok, norm_u, 1.0) / jnp.where(ok, norm_v, 1.0))
     return u / ratio, v * ratio
@@ -171,7 +167,7 @@ def lra_group(shape, *, rank=10, lipschitz_decay=0.9) -> LRAGroup:
 
 def _check_options(*, rank, lipschitz_decay):
   check_integer("rank", rank, low=0.0)
-  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
+  check_lipschitz_decay(lipschitz_decay)
 
 
 def _group_for_options(*, rank, lipschitz_decay):
@@ -184,7 +180,7 @@ def _group_for_options(*, rank, lipschitz_decay):
 
 lra = preconditioner_family(
     "lra", __name__,
-    [keyword("rank", 10, int), keyword("lipschitz_decay", 0.9, float)],
+    [keyword("rank", 10, int), LIPSCHITZ_DECAY_OPTION],
     _group_for_options, _check_options,
     r"""PSGD with a low-rank-plus-diagonal preconditioner ``Q = diag(d)(I + UVᵀ)`` per leaf.
 
@@ -199,7 +195,7 @@ lra = preconditioner_family(
 
   Args:
     rank: ``r``, the number of columns of ``U`` and ``V`` (capped at the leaf size).
-    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.
+""" + LIPSCHITZ_DECAY_DOC + """
 {engine_args}
 
   Returns:

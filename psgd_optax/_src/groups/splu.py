@@ -18,9 +18,9 @@ Fit (relative gradients ``dL = E_L L`` and ``dU = U E_U``):
   E_L = \Pi_L\big[(Qh)(Qh)^\top - (Q^{-\top}v)(Q^{-\top}v)^\top\big],\qquad
   E_U = \Pi_U\big[(Ph)h^\top - v(P^{-1}v)^\top\big],
 
-projected onto each factor's pattern, each step normalized by a Lipschitz estimate that
-bounds the projected matrix's spectral norm (``‖a‖‖a₁‖ + max a₂²`` for ``aaᵀ``). ``r = 0``
-is a diagonal preconditioner; ``r = n`` a dense (LU) one.
+projected onto each factor's pattern. ``L`` and ``U`` take turns, one per fit, and each
+step is normalized by the pair's own curvature along it (:func:`_line_curvature`).
+``r = 0`` is a diagonal preconditioner; ``r = n`` a dense (LU) one.
 """
 
 from __future__ import annotations
@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
-from psgd_optax._src.family import keyword, preconditioner_family
+from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
+                                     check_lipschitz_decay, keyword, preconditioner_family)
 from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_integer, check_number
+from psgd_optax._src.validation import check_integer
 
 
 class SPLUState(NamedTuple):
@@ -49,10 +50,6 @@ class SPLUState(NamedTuple):
   u3: jax.Array  # n − r
   lipschitz: jax.Array  # [L, U]
   fit_l: jax.Array  # 1.0: the next fit moves L; 0.0: U
-
-
-def _norm(x):
-  return jnp.sqrt(jnp.sum(x * x))
 
 
 def _max_or_zero(x):
@@ -70,7 +67,7 @@ def _line_curvature(moved_fit, moved_probe, probe, twice_moved_probe, direction_
   ``μ‖E‖ < 1`` (``Q`` stays invertible).
   """
   curvature = (jnp.sum(moved_fit ** 2) + jnp.sum(moved_probe ** 2)
-               + 2 * _norm(probe) * _norm(twice_moved_probe))
+               + 2 * jnp.linalg.norm(probe) * jnp.linalg.norm(twice_moved_probe))
   positive = direction_norm2 > 0
   ratio = curvature / jnp.where(positive, direction_norm2, 1.0)
   return jnp.where(positive, jnp.maximum(ratio, jnp.sqrt(direction_norm2)), 0.0)
@@ -148,77 +145,69 @@ class SPLUGroup:
     """``Q x`` for a flat ``x``."""
     return self._l(q, self._u(q, x))
 
+  def _solve_transpose_flat(self, q, x):
+    return self._l_solve_transpose(q, self._u_solve_transpose(q, x))
+
   def solve_transpose(self, q, x):
     """``Q⁻ᵀ x = L⁻ᵀ U⁻ᵀ x`` for a leaf-shaped ``x``."""
-    return self._l_solve_transpose(q, self._u_solve_transpose(q, x.reshape(-1))).reshape(x.shape)
+    return self._solve_transpose_flat(q, x.reshape(-1)).reshape(x.shape)
 
   def precondition(self, q, g):
     fitted = self.apply(q, g.reshape(-1))
     return self._u_transpose(q, self._l_transpose(q, fitted)).reshape(g.shape)
 
   def update(self, q: SPLUState, v, h, lr, *, integrate_probe: bool) -> SPLUState:
+    """Moves ``L`` or ``U`` (they take turns, one per fit)."""
     del integrate_probe  # the fit needs Q⁻ᵀv explicitly
     h, v = h.reshape(-1), v.reshape(-1)
-    fitted = self.apply(q, h)                                  # a = Q h
-    probe = self._l_solve_transpose(q, self._u_solve_transpose(q, v))  # b = Q⁻ᵀ v
-    p_h = self._u_transpose(q, self._l_transpose(q, fitted))   # P h
-    p_inv_v = self._u_solve(q, self._l_solve(q, probe))        # P⁻¹ v
-    a1, a2 = self._split(fitted)
-    b1, b2 = self._split(probe)
+    fitted = self.apply(q, h)                   # a = Q h
+    probe = self._solve_transpose_flat(q, v)    # b = Q⁻ᵀ v
 
-    # E_L = Π_L(aaᵀ − bbᵀ): tril r × r block, the (n − r) × r block, the diagonal rest.
-    e1 = jnp.tril(jnp.outer(a1, a1) - jnp.outer(b1, b1))
-    e2 = jnp.outer(a2, a1) - jnp.outer(b2, b1)
-    e3 = a2 * a2 - b2 * b2
-    def e_apply(x):
-      x1_, x2_ = self._split(x)
-      return jnp.concatenate([e1 @ x1_, e2 @ x1_ + e3 * x2_])
+    def move_l(_):
+      # E_L = Π_L(aaᵀ − bbᵀ): tril r × r block, the (n − r) × r block, the diagonal rest.
+      a1, a2 = self._split(fitted)
+      b1, b2 = self._split(probe)
+      e1 = jnp.tril(jnp.outer(a1, a1) - jnp.outer(b1, b1))
+      e2 = jnp.outer(a2, a1) - jnp.outer(b2, b1)
+      e3 = a2 * a2 - b2 * b2
+      pattern = q._replace(l1=e1, l2=e2, l3=e3)  # E_L has L's pattern: reuse L's products
+      moved_probe = self._l_transpose(pattern, probe)
+      bound = _line_curvature(
+          self._l(pattern, fitted), moved_probe, probe,
+          self._l_transpose(pattern, moved_probe),
+          jnp.sum(e1 * e1) + jnp.sum(e2 * e2) + jnp.sum(e3 * e3))
+      lipschitz = lipschitz_update(q.lipschitz[0], bound, self.lipschitz_decay)
+      step = safe_step(lr, lipschitz)
+      l_factors = (q.l1 - step * (e1 @ q.l1),
+                   q.l2 - step * (e2 @ q.l1 + e3[:, None] * q.l2),
+                   q.l3 - step * (e3 * q.l3))
+      return l_factors, (q.u1, q.u2, q.u3), q.lipschitz.at[0].set(lipschitz)
 
-    def e_transpose(x):
-      x1_, x2_ = self._split(x)
-      return jnp.concatenate([e1.T @ x1_ + e2.T @ x2_, e3 * x2_])
+    def move_u(_):
+      # E_U = Π_U((Ph)hᵀ − v(P⁻¹v)ᵀ): triu r × r block, the r × (n − r) block, the diagonal.
+      p_h = self._u_transpose(q, self._l_transpose(q, fitted))
+      p_inv_v = self._u_solve(q, self._l_solve(q, probe))
+      x1, x2 = self._split(p_h)
+      y1, y2 = self._split(h)
+      s1, s2 = self._split(v)
+      w1, w2 = self._split(p_inv_v)
+      f1 = jnp.triu(jnp.outer(x1, y1) - jnp.outer(s1, w1))
+      f2 = jnp.outer(x1, y2) - jnp.outer(s1, w2)
+      f3 = x2 * y2 - s2 * w2
+      pattern = q._replace(u1=f1, u2=f2, u3=f3)  # E_U has U's pattern: reuse U's products
+      moved_v = self._u_transpose(pattern, v)
+      bound = _line_curvature(
+          self.apply(q, self._u(pattern, h)), self._solve_transpose_flat(q, moved_v), probe,
+          self._solve_transpose_flat(q, self._u_transpose(pattern, moved_v)),
+          jnp.sum(f1 * f1) + jnp.sum(f2 * f2) + jnp.sum(f3 * f3))
+      lipschitz = lipschitz_update(q.lipschitz[1], bound, self.lipschitz_decay)
+      step = safe_step(lr, lipschitz)
+      u_factors = (q.u1 - step * (q.u1 @ f1),
+                   q.u2 - step * (q.u1 @ f2 + q.u2 * f3[None, :]),
+                   q.u3 - step * (q.u3 * f3))
+      return (q.l1, q.l2, q.l3), u_factors, q.lipschitz.at[1].set(lipschitz)
 
-    bound_l = _line_curvature(
-        e_apply(fitted), e_transpose(probe), probe, e_transpose(e_transpose(probe)),
-        jnp.sum(e1 * e1) + jnp.sum(e2 * e2) + jnp.sum(e3 * e3))
-    lipschitz_l = lipschitz_update(q.lipschitz[0], bound_l, self.lipschitz_decay)
-    step_l = safe_step(lr, lipschitz_l)
-    l1 = q.l1 - step_l * (e1 @ q.l1)
-    l2 = q.l2 - step_l * (e2 @ q.l1 + e3[:, None] * q.l2)
-    l3 = q.l3 - step_l * (e3 * q.l3)
-
-    # E_U = Π_U((Ph)hᵀ − v(P⁻¹v)ᵀ): triu r × r block, the r × (n − r) block, the diagonal.
-    x1, x2 = self._split(p_h)
-    y1, y2 = self._split(h)
-    s1, s2 = self._split(v)
-    w1, w2 = self._split(p_inv_v)
-    f1 = jnp.triu(jnp.outer(x1, y1) - jnp.outer(s1, w1))
-    f2 = jnp.outer(x1, y2) - jnp.outer(s1, w2)
-    f3 = x2 * y2 - s2 * w2
-    def f_apply(x):
-      x1_, x2_ = self._split(x)
-      return jnp.concatenate([f1 @ x1_ + f2 @ x2_, f3 * x2_])
-
-    def f_transpose(x):
-      x1_, x2_ = self._split(x)
-      return jnp.concatenate([f1.T @ x1_, f2.T @ x1_ + f3 * x2_])
-
-    to_probe = lambda x: self._l_solve_transpose(q, self._u_solve_transpose(q, x))
-    bound_u = _line_curvature(
-        self.apply(q, f_apply(h)), to_probe(f_transpose(v)), probe,
-        to_probe(f_transpose(f_transpose(v))),
-        jnp.sum(f1 * f1) + jnp.sum(f2 * f2) + jnp.sum(f3 * f3))
-    lipschitz_u = lipschitz_update(q.lipschitz[1], bound_u, self.lipschitz_decay)
-    step_u = safe_step(lr, lipschitz_u)
-    u1 = q.u1 - step_u * (q.u1 @ f1)
-    u2 = q.u2 - step_u * (q.u1 @ f2 + q.u2 * f3[None, :])
-    u3 = q.u3 - step_u * (q.u3 * f3)
-
-    fit_l = q.fit_l > 0.5
-    choose = lambda new, old: jnp.where(fit_l, new, old)
-    l_factors = tuple(choose(new, old) for new, old in zip((l1, l2, l3), (q.l1, q.l2, q.l3)))
-    u_factors = tuple(jnp.where(fit_l, old, new) for new, old in zip((u1, u2, u3), (q.u1, q.u2, q.u3)))
-    lipschitz = jnp.stack([choose(lipschitz_l, q.lipschitz[0]), jnp.where(fit_l, q.lipschitz[1], lipschitz_u)])
+    l_factors, u_factors, lipschitz = jax.lax.cond(q.fit_l > 0.5, move_l, move_u, None)
     l_factors, u_factors = self._balance(l_factors, u_factors)
     return SPLUState(*l_factors, *u_factors, lipschitz=lipschitz, fit_l=1.0 - q.fit_l)
 
@@ -259,7 +248,7 @@ def splu_group(shape, *, order=10, lipschitz_decay=0.9) -> SPLUGroup:
 
 def _check_options(*, order, lipschitz_decay):
   check_integer("order", order, low=0.0)
-  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
+  check_lipschitz_decay(lipschitz_decay)
 
 
 def _group_for_options(*, order, lipschitz_decay):
@@ -272,7 +261,7 @@ def _group_for_options(*, order, lipschitz_decay):
 
 splu = preconditioner_family(
     "splu", __name__,
-    [keyword("order", 10, int), keyword("lipschitz_decay", 0.9, float)],
+    [keyword("order", 10, int), LIPSCHITZ_DECAY_OPTION],
     _group_for_options, _check_options,
     r"""PSGD with a sparse-LU preconditioner ``Q = LU`` of order ``r`` per leaf.
 
@@ -288,7 +277,7 @@ splu = preconditioner_family(
 
   Args:
     order: ``r`` (capped at the leaf size); the paper used 10.
-    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.
+""" + LIPSCHITZ_DECAY_DOC + """
 {engine_args}
 
   Returns:

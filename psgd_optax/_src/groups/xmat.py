@@ -33,9 +33,9 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from psgd_optax._src.family import keyword, preconditioner_family
+from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
+                                     check_lipschitz_decay, preconditioner_family)
 from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_number
 
 PERMUTATIONS = ("flip", "half_swap")
 
@@ -147,10 +147,6 @@ def butterfly_group(shape, *, lipschitz_decay=0.9) -> InvolutionGroup:
   return InvolutionGroup(tuple(shape), "half_swap", lipschitz_decay)
 
 
-def _check_options(*, lipschitz_decay):
-  check_number("lipschitz_decay", lipschitz_decay, low=0.0, high=1.0, high_open=True)
-
-
 def _group_for_options(permutation):
   def group_for_options(*, lipschitz_decay):
     def group_for_shape(shape, state_leaves=None):
@@ -160,11 +156,10 @@ def _group_for_options(permutation):
   return group_for_options
 
 
-_OPTIONS = [keyword("lipschitz_decay", 0.9, float)]
-_ARGS = """    lipschitz_decay: decay of the Lipschitz estimate that normalizes fit steps."""
+_OPTIONS = [LIPSCHITZ_DECAY_OPTION]
 
 xmat = preconditioner_family(
-    "xmat", __name__, _OPTIONS, _group_for_options("flip"), _check_options,
+    "xmat", __name__, _OPTIONS, _group_for_options("flip"), check_lipschitz_decay,
     r"""PSGD with an X-shape preconditioner per leaf: ``Q = diag(a) + diag(b)·J``.
 
   ``J`` reverses the flattened leaf, so ``Q`` has nonzeros on its diagonal and
@@ -178,7 +173,7 @@ xmat = preconditioner_family(
   vector use ``optax.flatten(psgd.xmat())``.
 
   Args:
-""" + _ARGS + """
+""" + LIPSCHITZ_DECAY_DOC + """
 {engine_args}
 
   Returns:
@@ -198,7 +193,8 @@ xmat = preconditioner_family(
 """)
 
 butterfly = preconditioner_family(
-    "butterfly", __name__, _OPTIONS, _group_for_options("half_swap"), _check_options,
+    "butterfly", __name__, _OPTIONS, _group_for_options("half_swap"),
+    check_lipschitz_decay,
     r"""PSGD with a butterfly preconditioner per leaf: ``Q = diag(a) + diag(b)·S``.
 
   ``S`` swaps the two halves of the flattened leaf (a circular shift by ``n/2``; for odd
@@ -206,7 +202,7 @@ butterfly = preconditioner_family(
   half a leaf away. Same fit and cost as :func:`psgd_optax.xmat`.
 
   Args:
-""" + _ARGS + """
+""" + LIPSCHITZ_DECAY_DOC + """
 {engine_args}
 
   Returns:
