@@ -37,6 +37,13 @@ def affine_group(shape, input_kind: str, *, lipschitz_decay=0.9) -> KronGroup:
     shape: the leaf's shape; a matrix's first axis is ``[inputs; 1]``.
     input_kind: ``"normalization"`` (SCAN) or ``"triangular"`` (scaling-and-whitening).
     lipschitz_decay: decay of the fit's Lipschitz estimates.
+
+  Example:
+    >>> import psgd_optax as psgd
+    >>> [f.kind for f in psgd.affine_group((5, 3), "normalization").factors]
+    ['normalization', 'diagonal']
+    >>> [f.kind for f in psgd.affine_group((3,), "normalization").factors]  # a bias
+    ['diagonal']
   """
   shape = tuple(shape)
   geometry = get_geometry("eq")

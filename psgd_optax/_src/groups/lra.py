@@ -161,7 +161,18 @@ class LRAGroup:
 
 
 def lra_group(shape, *, rank=10, lipschitz_decay=0.9) -> LRAGroup:
-  """The LRA group of ``rank`` over a leaf of ``shape`` (flattened)."""
+  """The LRA group of ``rank`` over a leaf of ``shape`` (flattened): ``Q = diag(d)(I + UVᵀ)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.lra_group((6,), rank=2)
+    >>> q = group.init(2.0, jnp.float32)
+    >>> q.u.shape, q.v.shape
+    ((6, 2), (6, 2))
+    >>> bool(jnp.allclose(group.materialize(q), 4.0 * jnp.eye(6), atol=0.1))  # U, V small
+    True
+  """
   return LRAGroup(tuple(shape), int(rank), lipschitz_decay)
 
 

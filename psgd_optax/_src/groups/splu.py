@@ -242,7 +242,16 @@ class SPLUGroup:
 
 
 def splu_group(shape, *, order=10, lipschitz_decay=0.9) -> SPLUGroup:
-  """The sparse-LU group of ``order`` over a leaf of ``shape`` (flattened)."""
+  """The sparse-LU group of ``order`` over a leaf of ``shape`` (flattened): ``Q = LU``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.splu_group((5,), order=2)
+    >>> q = group.init(4.0, jnp.float32)        # L = U = 2·I, so Q = 4·I
+    >>> group.q_matrix(q)[0]
+    Array([4., 0., 0., 0., 0.], dtype=float32)
+  """
   return SPLUGroup(tuple(shape), int(order), lipschitz_decay)
 
 

@@ -138,12 +138,31 @@ class InvolutionGroup:
 
 
 def xmat_group(shape, *, lipschitz_decay=0.9) -> InvolutionGroup:
-  """The X-shape group over a leaf of ``shape`` (flattened)."""
+  """The X-shape group over a leaf of ``shape`` (flattened): ``Q = diag(a) + diag(b)·J``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.xmat_group((4,))
+    >>> q = group.init(1.0, jnp.float32)._replace(b=jnp.array([0.5, 0.0, 0.0, 0.0]))
+    >>> group.q_matrix(q)[0]          # row 0: diagonal 1, anti-diagonal 0.5
+    Array([1. , 0. , 0. , 0.5], dtype=float32)
+  """
   return InvolutionGroup(tuple(shape), "flip", lipschitz_decay)
 
 
 def butterfly_group(shape, *, lipschitz_decay=0.9) -> InvolutionGroup:
-  """The butterfly group (half swap) over a leaf of ``shape`` (flattened)."""
+  """The butterfly group over a leaf of ``shape`` (flattened): ``Q = diag(a) + diag(b)·S``,
+  ``S`` swapping the two halves.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.butterfly_group((4,))
+    >>> q = group.init(1.0, jnp.float32)._replace(b=jnp.array([0.5, 0.0, 0.0, 0.0]))
+    >>> group.q_matrix(q)[0]          # row 0 couples entry 0 with entry 2
+    Array([1. , 0. , 0.5, 0. ], dtype=float32)
+  """
   return InvolutionGroup(tuple(shape), "half_swap", lipschitz_decay)
 
 
