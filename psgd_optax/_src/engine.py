@@ -22,13 +22,13 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from psgd_optax._src import curvature as curvature_lib
 from psgd_optax._src.groups.base import GroupForShape
 from psgd_optax._src.schedules import update_probability_schedule
-from psgd_optax._src.validation import check_number
+from psgd_optax._src.trees import all_finite, rebuild, value_at
+from psgd_optax._src.validation import check_float_dtype, check_number
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
@@ -52,22 +52,6 @@ class PSGDState(NamedTuple):
   preconditioner: Any
   scale_set: Any
   curvature: Any = ()
-
-
-def _value_at(schedule_or_value, count):
-  return schedule_or_value(count) if callable(schedule_or_value) else schedule_or_value
-
-
-def _all_finite(leaves) -> jax.Array:
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(leaves)]
-  return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
-
-
-def _rebuild(make_state, state_leaves):
-  """The state ``make_state()`` would build, holding the given leaves: frameworks such as
-  flax.nnx hand NamedTuple states back in their own containers."""
-  structure = jax.tree.structure(jax.eval_shape(make_state))
-  return jax.tree.unflatten(structure, state_leaves)
 
 
 def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Array:
@@ -99,16 +83,7 @@ def check_engine_options(*, curvature, update_probability, precond_lr, init_scal
   check_number("init_scale", init_scale, low=0.0, low_open=True, allow_none=True)
   check_number("damping", damping, low=0.0, allow_none=True)
   check_number("seed", seed)
-  if callable(precond_dtype) and not isinstance(precond_dtype, type):
-    raise ValueError(
-        f"precond_dtype must be a dtype or its name, got {precond_dtype!r} (with "
-        "optax.inject_hyperparams pass it by name, e.g. precond_dtype='float64').")
-  try:
-    dtype = np.dtype(precond_dtype)
-  except TypeError:
-    dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"precond_dtype must be a floating dtype, got {precond_dtype!r}.")
+  check_float_dtype("precond_dtype", precond_dtype)
 
 
 ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newton"`` (fit to
@@ -214,21 +189,21 @@ def preconditioner(
     # group's own containers: frameworks such as flax.nnx hand states back re-containered.
     stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
     groups = [group_for_shape(tuple(leaf.shape), q) for leaf, q in zip(leaves, stored)]
-    q_leaves = [_rebuild(lambda g=group: g.init(1.0, dtype), q)
+    q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype), q)
                 for group, q in zip(groups, stored)]
     set_leaves = treedef.flatten_up_to(state.scale_set)
-    memory = _rebuild(lambda: source.init(updates, dtype), jax.tree.leaves(state.curvature))
+    memory = rebuild(lambda: source.init(updates, dtype), jax.tree.leaves(state.curvature))
 
     key = jax.random.fold_in(jax.random.key(seed), state.count)
     coin_key, probe_key = jax.random.split(key)
-    probability = _value_at(update_probability, state.count)
+    probability = value_at(update_probability, state.count)
     fit_now = (state.count == 0) | (jax.random.uniform(coin_key) < probability)
-    lr = jnp.asarray(_value_at(precond_lr, state.count), dtype)
+    lr = jnp.asarray(value_at(precond_lr, state.count), dtype)
 
     def fit(carry):
       q_old, scale_set = carry
       pair = source.pair(probe_key, grads, params, treedef, dtype, curvature_args, memory)
-      finite = _all_finite([grads, pair.vectors, pair.products]) & pair.valid
+      finite = all_finite([grads, pair.vectors, pair.products]) & pair.valid
       q_new, set_new = [], []
       for group, q, was_set, v, h in zip(groups, q_old, scale_set, pair.vectors,
                                          pair.products):
@@ -238,7 +213,7 @@ def preconditioner(
         safe_scale = jnp.where(scale_ok, scale, 1.0)
         q_start = optax.tree.where(was_set, q, group.init(safe_scale, dtype))
         q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
-        moved_ok = usable & _all_finite(q_moved)
+        moved_ok = usable & all_finite(q_moved)
         q_new.append(optax.tree.where(
             moved_ok, q_moved, optax.tree.where(usable, q_start, q)))
         set_new.append(was_set | usable)

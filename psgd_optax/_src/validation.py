@@ -11,6 +11,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -70,3 +71,17 @@ def check_integer(name: str, value: Any, *, low: float | None = None) -> None:
   number = concrete_float(value)
   if number is not None and int(number) != number:
     raise ValueError(f"{name} must be an integer, got {value!r}.")
+
+
+def check_float_dtype(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is a floating dtype or the name of one."""
+  if callable(value) and not isinstance(value, type):
+    raise ValueError(
+        f"{name} must be a dtype or its name, got {value!r} (with "
+        f"optax.inject_hyperparams pass it by name, e.g. {name}='float64').")
+  try:
+    dtype = np.dtype(value)
+  except TypeError:
+    dtype = None
+  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"{name} must be a floating dtype, got {value!r}.")
