@@ -8,6 +8,8 @@ from psgd_optax import optimizers
 from psgd_optax._src.affine_pairs import AffinePairsState, affine_pairs
 from psgd_optax._src.curvature import CURVATURES, DAMPING_TYPES, SecantMemory
 from psgd_optax._src.engine import PSGDState, preconditioner
+from psgd_optax._src.fop import (HypergradientState, fop, per_parameter_hypergradient,
+                                 scalar_hypergradient)
 from psgd_optax._src.groups.affine import affine_group, scan, scaw
 from psgd_optax._src.groups.dense import dense, dense_group
 from psgd_optax._src.groups.diag import diag, diag_group
@@ -17,6 +19,7 @@ from psgd_optax._src.groups.lra import LRAGroup, LRAState, lra, lra_group
 from psgd_optax._src.groups.splu import SPLUGroup, SPLUState, splu, splu_group
 from psgd_optax._src.groups.xmat import (InvolutionGroup, XState, butterfly, butterfly_group,
                                          xmat, xmat_group)
+from psgd_optax._src.snr import SNRState, snr, snr_ratio
 from psgd_optax._src.schedules import (bernoulli_schedule, log10_skip_schedule,
                                        periodic_schedule, update_probability_schedule)
 
@@ -27,12 +30,14 @@ __all__ = [
     "CURVATURES",
     "DAMPING_TYPES",
     "GEOMETRIES",
+    "HypergradientState",
     "InvolutionGroup",
     "KronGroup",
     "KronState",
     "LRAGroup",
     "LRAState",
     "PSGDState",
+    "SNRState",
     "SPLUGroup",
     "SPLUState",
     "SecantMemory",
@@ -47,16 +52,21 @@ __all__ = [
     "diag",
     "diag_group",
     "factor_kinds",
+    "fop",
     "kron",
     "kron_group",
     "log10_skip_schedule",
     "lra",
     "lra_group",
     "optimizers",
+    "per_parameter_hypergradient",
     "periodic_schedule",
     "preconditioner",
+    "scalar_hypergradient",
     "scan",
     "scaw",
+    "snr",
+    "snr_ratio",
     "splu",
     "splu_group",
     "update_probability_schedule",

@@ -137,6 +137,18 @@ INVALID = [
     (psgd.scan, {"damping_type": "huge"}, "damping_type"),
     (psgd.butterfly, {"curvature": "bfgs"}, "curvature"),
     (psgd.periodic_schedule, {"period": 0}, "period"),
+    (psgd.fop, {"learning_rate": -0.1}, "learning_rate"),
+    (psgd.fop, {"learning_rate": 0.1, "rank": 0}, "rank"),
+    (psgd.fop, {"learning_rate": 0.1, "rank": 1.5}, "rank"),
+    (psgd.fop, {"learning_rate": 0.1, "max_dim": 0}, "max_dim"),
+    (psgd.fop, {"learning_rate": 0.1, "init_scale": 0.0}, "init_scale"),
+    (psgd.fop, {"learning_rate": 0.1, "normalized": "yes"}, "normalized"),
+    (psgd.fop, {"learning_rate": 0.1, "hyper_optimizer": "adam"}, "hyper_optimizer"),
+    (psgd.fop, {"learning_rate": 0.1, "precond_dtype": "int8"}, "precond_dtype"),
+    (psgd.scalar_hypergradient, {"learning_rate": float("nan")}, "learning_rate"),
+    (psgd.per_parameter_hypergradient, {"learning_rate": "fast"}, "learning_rate"),
+    (psgd.snr, {"b1": 1.0}, "b1"),
+    (psgd.snr, {"b2": -0.1}, "b2"),
 ]
 
 
