@@ -17,6 +17,7 @@ groups only through :class:`~psgd_optax._src.groups.base.Group`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Union
 
@@ -70,7 +71,8 @@ def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Arr
 
 
 def check_engine_options(*, curvature, update_probability, precond_lr, init_scale,
-                         damping, damping_type, precond_dtype, seed) -> None:
+                         damping, damping_type, precond_dtype, seed,
+                         axis_name=None) -> None:
   if curvature not in curvature_lib.CURVATURES:
     raise ValueError(f"curvature must be one of {curvature_lib.CURVATURES}, "
                      f"got {curvature!r}.")
@@ -83,6 +85,10 @@ def check_engine_options(*, curvature, update_probability, precond_lr, init_scal
   check_number("init_scale", init_scale, low=0.0, low_open=True, allow_none=True)
   check_number("damping", damping, low=0.0, allow_none=True)
   check_number("seed", seed)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  if axis_name is not None and not all(isinstance(n, str) and n for n in names):
+    raise ValueError(f"axis_name must be None, an axis name or a tuple of them, got "
+                     f"{axis_name!r}.")
   check_float_dtype("precond_dtype", precond_dtype)
 
 
@@ -104,6 +110,13 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
     precond_dtype: dtype (or its name) of ``Q`` and of the fit (``"float32"`` by default,
       whatever the params' dtype).
     seed: seed of the probes and of the update coin.
+    axis_name: for data parallelism under ``pmap``/``shard_map``: the mapped axis (or
+      tuple of axes) to average over. Probes and the update coin are the same on every
+      replica; before ``Q`` moves, the gradients it is fitted to and the curvature products
+      (e.g. each replica's HVP of its own batch) are averaged over the axis, so ``Q`` stays
+      identical on every replica and equals a single-device fit on the whole batch. The
+      preconditioned output uses the ``updates`` as given: average the gradients yourself
+      (``lax.pmean``) if every replica should take the same step.
 """
 
 
@@ -118,6 +131,7 @@ def preconditioner(
     damping_type: str = "relative",
     precond_dtype: Any = "float32",
     seed: int = 0,
+    axis_name: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
 
@@ -151,11 +165,16 @@ def preconditioner(
   """
   check_engine_options(curvature=curvature, update_probability=update_probability,
                        precond_lr=precond_lr, init_scale=init_scale, damping=damping,
-                       damping_type=damping_type, precond_dtype=precond_dtype, seed=seed)
+                       damping_type=damping_type, precond_dtype=precond_dtype, seed=seed,
+                       axis_name=axis_name)
   if update_probability is None:
     update_probability = update_probability_schedule()
   source = curvature_lib.make_curvature(curvature, damping, damping_type)
   dtype = jnp.dtype(precond_dtype)
+
+  def average(tree):
+    """The mean over the data-parallel axis (identity without one)."""
+    return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
   def init_fn(params):
     def init_leaf(leaf):
@@ -202,8 +221,10 @@ def preconditioner(
 
     def fit(carry):
       q_old, scale_set = carry
-      pair = source.pair(probe_key, grads, params, treedef, dtype, curvature_args, memory)
-      finite = all_finite([grads, pair.vectors, pair.products]) & pair.valid
+      fit_grads = average(grads)
+      pair = source.pair(probe_key, fit_grads, params, treedef, dtype, curvature_args, memory)
+      pair = dataclasses.replace(pair, products=average(pair.products))
+      finite = all_finite([fit_grads, pair.vectors, pair.products]) & pair.valid
       q_new, set_new = [], []
       for group, q, was_set, v, h in zip(groups, q_old, scale_set, pair.vectors,
                                          pair.products):
@@ -229,7 +250,10 @@ def preconditioner(
         count=optax.safe_increment(state.count),
         preconditioner=treedef.unflatten(q_leaves),
         scale_set=treedef.unflatten(set_leaves),
-        curvature=source.remember(memory, grads, params, treedef, dtype),
+        # A source with memory (secant pairs) keeps the averaged gradients, so the state
+        # stays the same on every replica; the others pay no extra all-reduce.
+        curvature=source.remember(memory, average(grads) if jax.tree.leaves(memory) else grads,
+                                  params, treedef, dtype),
     )
     return treedef.unflatten(preconditioned), new_state
 
