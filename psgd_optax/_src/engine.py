@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from psgd_optax._src import curvature as curvature_lib
@@ -68,6 +69,15 @@ def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Arr
   if not integrate_probe:
     scale = scale * jnp.mean(v * v) ** 0.25
   return jnp.where(peak > 0, scale, jnp.inf)
+
+
+def check_stacked_spec(stacked) -> None:
+  if stacked is None or callable(stacked):
+    return
+  bad = [flag for flag in jax.tree.leaves(stacked) if not isinstance(flag, (bool, np.bool_))]
+  if bad:
+    raise ValueError("stacked must be None, a callable (path, leaf) -> bool or a pytree of "
+                     f"booleans, got {stacked!r}.")
 
 
 def check_engine_options(*, curvature, update_probability, precond_lr, init_scale,
@@ -117,6 +127,12 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       identical on every replica and equals a single-device fit on the whole batch. The
       preconditioned output uses the ``updates`` as given: average the gradients yourself
       (``lax.pmean``) if every replica should take the same step.
+    stacked: which leaves carry a leading layer axis (``nnx.scan``/``lax.scan`` models):
+      ``None`` (none), a pytree prefix of the params with booleans, or a callable
+      ``(path, leaf) -> bool``. A stacked leaf of shape ``(L, *s)`` gets ``L`` independent
+      preconditioners of shape ``s`` (own factors, initial scale and fit), equal to ``L``
+      separate leaves; its state has the leading ``L`` axis. With
+      ``optax.inject_hyperparams`` pass it in ``static_args``.
 """
 
 
@@ -132,6 +148,7 @@ def preconditioner(
     precond_dtype: Any = "float32",
     seed: int = 0,
     axis_name: Any = None,
+    stacked: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
 
@@ -167,6 +184,7 @@ def preconditioner(
                        precond_lr=precond_lr, init_scale=init_scale, damping=damping,
                        damping_type=damping_type, precond_dtype=precond_dtype, seed=seed,
                        axis_name=axis_name)
+  check_stacked_spec(stacked)
   if update_probability is None:
     update_probability = update_probability_schedule()
   source = curvature_lib.make_curvature(curvature, damping, damping_type)
@@ -176,15 +194,45 @@ def preconditioner(
     """The mean over the data-parallel axis (identity without one)."""
     return tree if axis_name is None else jax.lax.pmean(tree, axis_name)
 
-  def init_fn(params):
-    def init_leaf(leaf):
-      group = group_for_shape(tuple(leaf.shape))
-      return group.init(1.0 if init_scale is None else init_scale, dtype)
+  def stacked_flags(tree) -> list[bool]:
+    """Per leaf of ``tree`` (flattened order): whether it carries a layer axis."""
+    if stacked is None:
+      return [False] * len(jax.tree.leaves(tree))
+    if callable(stacked):
+      flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+      flags = [bool(stacked(path, leaf)) for path, leaf in flat]
+    else:
+      flags = jax.tree.leaves(jax.tree.map(
+          lambda flag, subtree: jax.tree.map(lambda _: bool(flag), subtree), stacked, tree))
+    for flag, leaf in zip(flags, jax.tree.leaves(tree)):
+      if flag and len(leaf.shape) < 1:
+        raise ValueError(f"stacked marks a leaf of shape {tuple(leaf.shape)}; a stacked "
+                         "leaf needs a leading layer axis.")
+    return flags
 
+  def per_layer(fn, is_stacked, in_axes=0):
+    """``fn`` over the layer axis of a stacked leaf; ``fn`` itself otherwise."""
+    return jax.vmap(fn, in_axes=in_axes) if is_stacked else fn
+
+  def init_fn(params):
+    def init_leaf(leaf, is_stacked):
+      shape = tuple(leaf.shape)
+      layers, shape = (shape[0], shape[1:]) if is_stacked else (None, shape)
+      group = group_for_shape(shape)
+      scale = 1.0 if init_scale is None else init_scale
+      q = group.init(scale, dtype)
+      scale_set = jnp.asarray(init_scale is not None)
+      if is_stacked:
+        q = jax.tree.map(lambda a: jnp.broadcast_to(a, (layers, *a.shape)), q)
+        scale_set = jnp.broadcast_to(scale_set, (layers,))
+      return q, scale_set
+
+    leaves, treedef = jax.tree.flatten(params)
+    built = [init_leaf(leaf, flag) for leaf, flag in zip(leaves, stacked_flags(params))]
     return PSGDState(
         count=jnp.zeros([], jnp.int32),
-        preconditioner=jax.tree.map(init_leaf, params),
-        scale_set=jax.tree.map(lambda _: jnp.asarray(init_scale is not None), params),
+        preconditioner=treedef.unflatten([q for q, _ in built]),
+        scale_set=treedef.unflatten([scale_set for _, scale_set in built]),
         curvature=source.init(params, dtype),
     )
 
@@ -206,8 +254,14 @@ def preconditioner(
     # Each group's structure is read from its state's leaves (so structural options that
     # inject_hyperparams traces are only used in init), and the state is rebuilt in the
     # group's own containers: frameworks such as flax.nnx hand states back re-containered.
+    flags = stacked_flags(updates)
     stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
-    groups = [group_for_shape(tuple(leaf.shape), q) for leaf, q in zip(leaves, stored)]
+    # A stacked leaf's group is that of one layer, read from one layer's state.
+    one_layer = lambda q, is_stacked: ([jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in q]
+                                       if is_stacked else q)
+    groups = [group_for_shape(tuple(leaf.shape)[1 if flag else 0:], one_layer(q, flag))
+              for leaf, q, flag in zip(leaves, stored, flags)]
+    # (A stacked leaf's state has one layer's structure, with longer arrays.)
     q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype), q)
                 for group, q in zip(groups, stored)]
     set_leaves = treedef.flatten_up_to(state.scale_set)
@@ -225,9 +279,7 @@ def preconditioner(
       pair = source.pair(probe_key, fit_grads, params, treedef, dtype, curvature_args, memory)
       pair = dataclasses.replace(pair, products=average(pair.products))
       finite = all_finite([fit_grads, pair.vectors, pair.products]) & pair.valid
-      q_new, set_new = [], []
-      for group, q, was_set, v, h in zip(groups, q_old, scale_set, pair.vectors,
-                                         pair.products):
+      def fit_leaf(group, q, was_set, v, h):
         scale = _initial_scale(v, h, pair.integrate_probe)
         scale_ok = jnp.isfinite(scale) & (scale > 0)
         usable = finite & jnp.any(h != 0) & (was_set | scale_ok)
@@ -235,16 +287,19 @@ def preconditioner(
         q_start = optax.tree.where(was_set, q, group.init(safe_scale, dtype))
         q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
         moved_ok = usable & all_finite(q_moved)
-        q_new.append(optax.tree.where(
-            moved_ok, q_moved, optax.tree.where(usable, q_start, q)))
-        set_new.append(was_set | usable)
-      return q_new, set_new
+        return (optax.tree.where(moved_ok, q_moved, optax.tree.where(usable, q_start, q)),
+                was_set | usable)
+
+      fitted = [per_layer(functools.partial(fit_leaf, group), flag)(q, was_set, v, h)
+                for group, flag, q, was_set, v, h in zip(groups, flags, q_old, scale_set,
+                                                         pair.vectors, pair.products)]
+      return [q for q, _ in fitted], [was_set for _, was_set in fitted]
 
     q_leaves, set_leaves = jax.lax.cond(fit_now, fit, lambda carry: carry,
                                         (q_leaves, set_leaves))
     preconditioned = [
-        group.precondition(q, g).astype(leaf.dtype)
-        for group, q, g, leaf in zip(groups, q_leaves, grads, leaves)
+        per_layer(group.precondition, flag)(q, g).astype(leaf.dtype)
+        for group, flag, q, g, leaf in zip(groups, flags, q_leaves, grads, leaves)
     ]
     new_state = PSGDState(
         count=optax.safe_increment(state.count),
