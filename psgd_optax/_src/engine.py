@@ -133,6 +133,10 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       preconditioners of shape ``s`` (own factors, initial scale and fit), equal to ``L``
       separate leaves; its state has the leading ``L`` axis. With
       ``optax.inject_hyperparams`` pass it in ``static_args``.
+    bucketing: run leaves of the same shape and group structure as one stack through one
+      ``vmap``ped fit and preconditioning, so a model of many identical blocks traces (and
+      compiles) that code once per distinct shape rather than once per leaf. Results are
+      the same as leaf by leaf; the state layout does not change.
 """
 
 
@@ -149,6 +153,7 @@ def preconditioner(
     seed: int = 0,
     axis_name: Any = None,
     stacked: Any = None,
+    bucketing: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
 
@@ -185,6 +190,8 @@ def preconditioner(
                        damping_type=damping_type, precond_dtype=precond_dtype, seed=seed,
                        axis_name=axis_name)
   check_stacked_spec(stacked)
+  if not isinstance(bucketing, bool):
+    raise ValueError(f"bucketing must be a bool, got {bucketing!r}.")
   if update_probability is None:
     update_probability = update_probability_schedule()
   source = curvature_lib.make_curvature(curvature, damping, damping_type)
@@ -213,6 +220,44 @@ def preconditioner(
   def per_layer(fn, is_stacked, in_axes=0):
     """``fn`` over the layer axis of a stacked leaf; ``fn`` itself otherwise."""
     return jax.vmap(fn, in_axes=in_axes) if is_stacked else fn
+
+  def buckets_of(groups, flags, *columns) -> list[list[int]]:
+    """Leaf indices grouped into buckets: with bucketing, leaves with equal group, layer
+    flag and state/argument shapes share one; otherwise every leaf is its own."""
+    buckets = {}
+    for i, group in enumerate(groups):
+      args = [column[i] for column in columns]
+      try:
+        hash(group)
+        group_key = group
+      except TypeError:  # a group that is not hashable is a bucket of its own
+        group_key = id(group)
+      signature = tuple((tuple(a.shape), jnp.dtype(a.dtype)) for a in jax.tree.leaves(args))
+      key = (group_key, flags[i], jax.tree.structure(args), signature) if bucketing else i
+      buckets.setdefault(key, []).append(i)
+    return list(buckets.values())
+
+  def gather(column, indices):
+    """One bucket's entries of a per-leaf list: the leaf itself, or a stack of them."""
+    if len(indices) == 1:
+      return column[indices[0]]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *[column[i] for i in indices])
+
+  def scatter(bucket_values, buckets, count):
+    """The inverse of ``gather`` over all buckets: back to a per-leaf list."""
+    leaves = [None] * count
+    for value, indices in zip(bucket_values, buckets):
+      if len(indices) == 1:
+        leaves[indices[0]] = value
+        continue
+      for position, i in enumerate(indices):
+        leaves[i] = jax.tree.map(lambda x, position=position: x[position], value)
+    return leaves
+
+  def bucket_fn(fn, groups, flags, indices):
+    """``fn(group, ...)`` for one bucket: over layers if stacked, over leaves if bucketed."""
+    leaf_fn = per_layer(functools.partial(fn, groups[indices[0]]), flags[indices[0]])
+    return leaf_fn if len(indices) == 1 else jax.vmap(leaf_fn)
 
   def init_fn(params):
     def init_leaf(leaf, is_stacked):
@@ -273,12 +318,19 @@ def preconditioner(
     fit_now = (state.count == 0) | (jax.random.uniform(coin_key) < probability)
     lr = jnp.asarray(value_at(precond_lr, state.count), dtype)
 
+    # Buckets are stacked once, before the cond, so that the fit, the cond's operands and
+    # the preconditioning all see one array per bucket rather than one per leaf.
+    buckets = buckets_of(groups, flags, q_leaves, set_leaves, grads)
+    q_buckets = [gather(q_leaves, indices) for indices in buckets]
+    set_buckets = [gather(set_leaves, indices) for indices in buckets]
+
     def fit(carry):
       q_old, scale_set = carry
       fit_grads = average(grads)
       pair = source.pair(probe_key, fit_grads, params, treedef, dtype, curvature_args, memory)
       pair = dataclasses.replace(pair, products=average(pair.products))
       finite = all_finite([fit_grads, pair.vectors, pair.products]) & pair.valid
+
       def fit_leaf(group, q, was_set, v, h):
         scale = _initial_scale(v, h, pair.integrate_probe)
         scale_ok = jnp.isfinite(scale) & (scale > 0)
@@ -290,17 +342,20 @@ def preconditioner(
         return (optax.tree.where(moved_ok, q_moved, optax.tree.where(usable, q_start, q)),
                 was_set | usable)
 
-      fitted = [per_layer(functools.partial(fit_leaf, group), flag)(q, was_set, v, h)
-                for group, flag, q, was_set, v, h in zip(groups, flags, q_old, scale_set,
-                                                         pair.vectors, pair.products)]
+      fitted = [bucket_fn(fit_leaf, groups, flags, indices)(
+          q, was_set, gather(pair.vectors, indices), gather(pair.products, indices))
+                for indices, q, was_set in zip(buckets, q_old, scale_set)]
       return [q for q, _ in fitted], [was_set for _, was_set in fitted]
 
-    q_leaves, set_leaves = jax.lax.cond(fit_now, fit, lambda carry: carry,
-                                        (q_leaves, set_leaves))
-    preconditioned = [
-        per_layer(group.precondition, flag)(q, g).astype(leaf.dtype)
-        for group, flag, q, g, leaf in zip(groups, flags, q_leaves, grads, leaves)
-    ]
+    q_buckets, set_buckets = jax.lax.cond(fit_now, fit, lambda carry: carry,
+                                          (q_buckets, set_buckets))
+    directions = [bucket_fn(lambda group, q, g: group.precondition(q, g), groups, flags,
+                            indices)(q, gather(grads, indices))
+                  for indices, q in zip(buckets, q_buckets)]
+    preconditioned = [direction.astype(leaf.dtype) for direction, leaf in
+                      zip(scatter(directions, buckets, len(leaves)), leaves)]
+    q_leaves = scatter(q_buckets, buckets, len(leaves))
+    set_leaves = scatter(set_buckets, buckets, len(leaves))
     new_state = PSGDState(
         count=optax.safe_increment(state.count),
         preconditioner=treedef.unflatten(q_leaves),
