@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 
 def random_symmetric(n, eigenvalues, rng):
@@ -52,3 +53,13 @@ def newton_fit(tx, group, hessian, shape, steps, chunk=100):
     state = run_chunk(state)
     errors.append(fit_error(group.materialize(state.preconditioner), target))
   return errors, state
+
+
+def minimize(tx, loss, params, steps):
+  """``steps`` jitted steps of ``tx`` on the gradient of ``loss``; the final params."""
+  state = tx.init(params)
+  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
+  for _ in range(steps):
+    updates, state = step(params, state)
+    params = optax.apply_updates(params, updates)
+  return params

@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import psgd_optax as psgd
+from _helpers import minimize
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 20, dtype=jnp.float32).reshape(4, 5),
           "b": jnp.zeros((5,), jnp.float32)}
@@ -171,15 +171,9 @@ def test_bfloat16_params_train_with_float32_state():
   target = jax.tree.map(lambda p: jnp.zeros_like(p), params)
   loss = lambda p: sum(jnp.sum((a.astype(jnp.float32) - b) ** 2)
                        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(target)))
-  tx = psgd.optimizers.kron(learning_rate=0.05)
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
-  start = float(loss(params))
-  for _ in range(100):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(params))
-  assert float(loss(params)) < 0.05 * start
+  trained = minimize(psgd.optimizers.kron(learning_rate=0.05), loss, params, 100)
+  assert all(p.dtype == jnp.bfloat16 for p in jax.tree.leaves(trained))
+  assert float(loss(trained)) < 0.05 * float(loss(params))
 
 
 def test_ready_optimizer_bounds_the_step_after_a_gradient_spike():

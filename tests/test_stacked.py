@@ -3,10 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import psgd_optax as psgd
+from _helpers import minimize
 
 LAYERS, ROWS, COLS = 3, 4, 5
 
@@ -87,13 +87,8 @@ def test_ready_optimizer_trains_a_scanned_model():
     return jnp.mean((hidden @ params["out"] - y) ** 2)
 
   tx = psgd.optimizers.kron(learning_rate=0.02, stacked={"w": True, "out": False})
-  state = tx.init(params)
-  step = jax.jit(lambda p, s: tx.update(jax.grad(loss)(p), s, p))
-  start = float(loss(params))
-  for _ in range(300):
-    updates, state = step(params, state)
-    params = optax.apply_updates(params, updates)
-  assert float(loss(params)) < 0.05 * start
+  trained = minimize(tx, loss, params, 300)
+  assert float(loss(trained)) < 0.05 * float(loss(params))
 
 
 def test_bad_stacked_specs_raise():
