@@ -14,10 +14,12 @@ def _loss(params, step):
   x = jax.random.normal(jax.random.fold_in(jax.random.key(0), step), (16, 4))
   y = jnp.sin(x[:, :2])
   hidden = jnp.tanh(x @ params["w1"] + params["b1"])
-  return jnp.mean((hidden @ params["w2"] - y) ** 2)
+  return jnp.mean((params["scale"] * hidden @ params["w2"] - y) ** 2)
 
 
-PARAMS = {"w1": 0.3 * jnp.ones((4, 6)), "b1": jnp.zeros(6), "w2": 0.1 * jnp.ones((6, 2))}
+# A scalar leaf too: FOP leaves it alone, and its state must still be saveable.
+PARAMS = {"w1": 0.3 * jnp.ones((4, 6)), "b1": jnp.zeros(6), "w2": 0.1 * jnp.ones((6, 2)),
+          "scale": jnp.asarray(1.0)}
 OPTIMIZERS = {
     "kron_newton": lambda: optax.chain(psgd.kron(curvature="newton", update_probability=0.5),
                                        optax.scale(-0.05)),

@@ -40,7 +40,7 @@ class HypergradientState(NamedTuple):
   Attributes:
     count: number of ``update`` calls (``int32``).
     preconditioner: per leaf, the learned parameters ``m`` of ``P`` (``M`` for FOP, an
-      empty ``(0, 0)`` array for a leaf FOP leaves alone, the learning-rate multiplier for
+      scalar 0 for a leaf FOP leaves alone, the learning-rate multiplier for
       the hypergradient baselines), in ``precond_dtype``.
     previous_updates: the previous step's incoming updates ``g_{t−1}``, in ``precond_dtype``.
     has_previous: whether ``previous_updates`` holds a finite gradient of the last step.
@@ -140,7 +140,9 @@ def _default_hyper_optimizer(hyper_optimizer):
 
 # --- FOP --------------------------------------------------------------------------------
 
-_PASS_THROUGH = _Parametrization(init=lambda shape, key: jnp.zeros((0, 0)),
+# A leaf FOP leaves alone stores a scalar 0 (FOP's M is always a matrix); not an empty
+# array, which Orbax cannot save.
+_PASS_THROUGH = _Parametrization(init=lambda shape, key: jnp.zeros(()),
                                  apply=lambda m, g: g)
 
 
@@ -160,7 +162,7 @@ def _fop_parametrization(shape, m, *, rank, normalized, spatial, max_dim, init_s
     return _PASS_THROUGH
   to_matrix, from_matrix, rows = _matrix_view(shape, spatial)
   # In ``update`` the stored M decides (its size is static), so traced options are fine.
-  if (m is not None and m.size == 0) or (m is None and rows > int(max_dim)):
+  if (m is not None and m.ndim == 0) or (m is None and rows > int(max_dim)):
     return _PASS_THROUGH
   identity_part = 0.0 if rank is None else 1.0
 
