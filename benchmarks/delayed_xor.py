@@ -140,6 +140,26 @@ def _job(args):
   return steps, time.perf_counter() - began
 
 
+def _run_jobs(pool, jobs, log):
+  """Results of ``jobs`` in order; each seed's result is also logged as it finishes, so a run
+  cut short still leaves its finished seeds on record."""
+  results = [None] * len(jobs)
+  for index, result in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
+    results[index] = result
+    name, _, length, seed, _ = jobs[index]
+    steps, seconds = result
+    if log:
+      print(f"# length {length} {name} seed {seed}: "
+            f"{'solved at ' + str(steps) if steps is not None else 'not solved'} "
+            f"({seconds:.0f} s)", flush=True)
+  return results
+
+
+def _indexed_job(indexed):
+  index, job = indexed
+  return index, _job(job)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64])
@@ -150,6 +170,8 @@ def main():
                       help="seeds of adam's lr sweep (default: all); the best lr then runs "
                            "every seed")
   parser.add_argument("--workers", type=int, default=os.cpu_count())
+  parser.add_argument("--log-seeds", action="store_true",
+                      help="print each seed's result as it finishes")
   parser.add_argument("--only", nargs="+", choices=["lra", "kron", "adam"],
                       default=["lra", "kron", "adam"], help="methods to run")
   args = parser.parse_args()
@@ -174,7 +196,7 @@ def main():
       for name, adam_lr in runs:
         seeds = sweep_seeds if sweeping and name.startswith("adam") else args.seeds
         jobs = [(name, adam_lr, length, seed, args.max_steps) for seed in range(seeds)]
-        results = pool.map(_job, jobs, chunksize=1)
+        results = _run_jobs(pool, jobs, args.log_seeds)
         if seeds < args.seeds:
           sweep_results[adam_lr] = results
           print(f"{length:>6} | {name + ' (sweep)':<28} | "
@@ -196,7 +218,7 @@ def main():
         name = f"adam lr={best_adam_lr:g}"
         jobs = [(name, best_adam_lr, length, seed, args.max_steps)
                 for seed in range(sweep_seeds, args.seeds)]
-        results = sweep_results[best_adam_lr] + pool.map(_job, jobs, chunksize=1)
+        results = sweep_results[best_adam_lr] + _run_jobs(pool, jobs, args.log_seeds)
         wins = [steps for steps, _ in results if steps is not None]
         median_text = f"{np.median(wins):.0f}" if wins else "-"
         seconds = sum(took for _, took in results)
