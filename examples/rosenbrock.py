@@ -22,7 +22,6 @@ from tqdm import tqdm
 
 import psgd_optax as psgd
 
-jax.config.update("jax_enable_x64", True)
 START = (-1.0, 1.0)
 TOLERANCE = 1e-10
 
@@ -80,6 +79,11 @@ def iterations_to(losses, tolerance=TOLERANCE):
 
 def compare(steps, learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), progress=True):
   """``{method: losses}``: PSGD runs, and each first-order method at its best swept lr."""
+  with jax.enable_x64(True):  # float64 here only, not for whoever imports this module
+    return _compare(steps, learning_rates, progress)
+
+
+def _compare(steps, learning_rates, progress):
   results = {}
   jobs = [(name, tx, None) for name, tx in psgd_methods().items()]
   jobs += [(name, make(lr), lr) for name, make in swept_methods().items()
