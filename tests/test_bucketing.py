@@ -23,7 +23,7 @@ def _grads(step):
 
 @pytest.mark.parametrize("family", [
     lambda **kw: psgd.kron(**kw),
-    lambda **kw: psgd.lra(rank=2, **kw),
+    pytest.param(lambda **kw: psgd.lra(rank=2, **kw), marks=pytest.mark.slow),
 ])
 def test_bucketing_gives_the_same_updates_and_state(family):
   bucketed = family(update_probability=1.0, bucketing=True)

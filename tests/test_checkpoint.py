@@ -41,7 +41,11 @@ def _train(tx, params, state, start, stop):
   return params, state
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
+# Two kinds in the default run (Newton kron; fop + snr with a scalar leaf), all with -m slow.
+@pytest.mark.parametrize("name", [
+    "kron_newton", "fop_snr",
+    pytest.param("ready_kron_secant", marks=pytest.mark.slow),
+    pytest.param("lra_flat", marks=pytest.mark.slow)])
 def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_run(name, tmp_path):
   tx = OPTIMIZERS[name]()
   full_params, full_state = _train(tx, PARAMS, tx.init(PARAMS), 0, 100)
