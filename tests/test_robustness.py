@@ -31,17 +31,19 @@ def _warm_state(tx, steps=5):
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
-def test_non_finite_gradients_leave_q_unchanged(name, bad):
+def test_non_finite_gradients_leave_q_unchanged(name):
+  # One transformation for the three bad values, so its update compiles once.
   tx = FAMILIES[name](update_probability=1.0)
   state = _warm_state(tx)
-  grads = _grads(seed=99)
-  grads["w"] = grads["w"].at[1, 2].set(bad)
-  _, new_state = tx.update(grads, state, PARAMS)
-  for before, after in zip(jax.tree.leaves(state.preconditioner),
-                           jax.tree.leaves(new_state.preconditioner)):
-    np.testing.assert_array_equal(before, after)
-  assert all(bool(jnp.all(jnp.isfinite(q))) for q in jax.tree.leaves(new_state.preconditioner))
+  for bad in [np.nan, np.inf, -np.inf]:
+    grads = _grads(seed=99)
+    grads["w"] = grads["w"].at[1, 2].set(bad)
+    _, new_state = tx.update(grads, state, PARAMS)
+    for before, after in zip(jax.tree.leaves(state.preconditioner),
+                             jax.tree.leaves(new_state.preconditioner)):
+      np.testing.assert_array_equal(before, after, err_msg=f"gradient with {bad}")
+    assert all(bool(jnp.all(jnp.isfinite(q)))
+               for q in jax.tree.leaves(new_state.preconditioner))
   # The next clean step fits again.
   _, later = tx.update(_grads(seed=100), new_state, PARAMS)
   assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(new_state.preconditioner),
@@ -76,21 +78,22 @@ def test_value_fn_with_non_finite_curvature_leaves_q_unchanged():
 
 
 @pytest.mark.parametrize("name", FAMILIES)
-@pytest.mark.parametrize("scale", [0.0, 1e-30, 1e30])
-def test_zero_and_extreme_gradients_give_finite_updates(name, scale):
+def test_zero_and_extreme_gradients_give_finite_updates(name):
   tx = FAMILIES[name](update_probability=1.0)
-  state = tx.init(PARAMS)
-  step = jax.jit(tx.update)
-  for t in range(5):
-    updates, state = step(_grads(scale, seed=t), state, PARAMS)
-    assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
-    assert all(bool(jnp.all(jnp.isfinite(q))) for q in jax.tree.leaves(state.preconditioner))
-  if scale > 0:
-    # Q took the gradients' scale at once: P g is O(1) whatever the scale of g.
-    rms = [float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(updates)]
-    assert all(0.05 < r < 20 for r in rms), rms
-  else:
-    assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
+  step = jax.jit(tx.update)  # compiled once for the three scales
+  for scale in [0.0, 1e-30, 1e30]:
+    state = tx.init(PARAMS)
+    for t in range(5):
+      updates, state = step(_grads(scale, seed=t), state, PARAMS)
+      assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), scale
+      assert all(bool(jnp.all(jnp.isfinite(q)))
+                 for q in jax.tree.leaves(state.preconditioner)), scale
+    if scale > 0:
+      # Q took the gradients' scale at once: P g is O(1) whatever the scale of g.
+      rms = [float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(updates)]
+      assert all(0.05 < r < 20 for r in rms), (scale, rms)
+    else:
+      assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
 
 def test_zero_gradient_leaf_keeps_identity_until_it_has_data():
