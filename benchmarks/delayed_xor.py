@@ -12,9 +12,12 @@ preconditioned-gradient clipping at 1 and learning rate 0.01, and ``optax.adam``
 of a small learning-rate sweep. Adam's sweep runs at the first length; its best learning rate
 (most successes, then fewest median steps) is reused at the longer lengths.
 
-Each seed trains in one jitted ``lax.while_loop`` that stops at success; seeds are spread over
-worker processes (one per core). Prints, per length and method, the successes over the seeds,
-the median steps to success and the core-seconds spent.
+All seeds of a method train together: ``vmap`` over the seeds inside one jitted
+``lax.while_loop`` that stops when every seed has succeeded (each seed's run is the one it
+would have alone). The step counts stay unbatched, so PSGD's update coin stays a branch, not a
+select. Methods are spread over worker processes (one per core). Prints, per length and
+method, the successes over the seeds, the median steps to success, the seconds the method took
+and each seed's steps.
 
 Run:  python benchmarks/delayed_xor.py --lengths 32 64 --seeds 10 --max-steps 100000
 (the default budget, 20000 steps, is smaller so the script finishes sooner; results with the
@@ -83,20 +86,37 @@ def methods(adam_lr):
   }
 
 
-def train_one(tx, value_fn_layout, length, seed, max_steps):
-  """Steps to success for one seed (``None`` for a failure).
+def _state_axes(state):
+  """vmap axes of an optimizer state: every leaf batched over seeds except the step counts.
 
-  One jitted ``lax.while_loop`` that stops at success. Seeds run one by one, not vmapped:
-  under ``vmap`` the engine's ``lax.cond`` becomes a select and every step would pay for the
-  fit that ``update_probability`` skips.
+  The counts are the same for every seed, and keeping them unbatched keeps the engine's
+  update coin (a function of the count and the optimizer's seed) unbatched, so its
+  ``lax.cond`` stays a branch under ``vmap`` instead of becoming a select that would pay for
+  every skipped fit."""
+  def axis(path, _):
+    last = path[-1] if path else None
+    return None if getattr(last, "name", None) == "count" else 0
+  return jax.tree_util.tree_map_with_path(axis, state)
+
+
+def train_seeds(tx, value_fn_layout, length, seeds, max_steps, chunk=5000, progress=None):
+  """Steps to success of each seed (``None`` for a failure), all seeds trained together.
+
+  The seeds are ``vmap``ped inside one jitted ``lax.while_loop`` that stops when every seed
+  has succeeded or the budget is spent; it runs in chunks of ``chunk`` steps so that
+  ``progress(step, steps_so_far)`` can report between them. Each seed's run is the run it would
+  have alone (its own initialization and data; the optimizer's seed, hence its probes and
+  update coin, is the same for all, as it would be in separate runs).
 
   ``value_fn_layout``: ``None`` (first order), ``"tree"`` (``value_fn`` of the params) or
   ``"flat"`` (under ``optax.flatten`` the inner transformation sees the flat vector)."""
+  seeds = jnp.asarray(seeds)
+  params = jax.vmap(lambda seed: init_params(jax.random.fold_in(jax.random.key(0), seed)))(
+      seeds)
+  axes = _state_axes(jax.eval_shape(tx.init, jax.tree.map(lambda leaf: leaf[0], params)))
 
-  def one_step(carry):
-    step, key, params, state, smooth = carry
-    key, batch_key = jax.random.split(key)
-    inputs, targets = make_batch(batch_key, length)
+  def one_seed(params, state, key):
+    inputs, targets = make_batch(key, length)
     loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
     batch_loss = lambda p: loss_fn(p, inputs, targets)
     extra = {}
@@ -106,23 +126,36 @@ def train_one(tx, value_fn_layout, length, seed, max_steps):
       unravel = jax.flatten_util.ravel_pytree(params)[1]
       extra = {"value_fn": lambda flat: batch_loss(unravel(flat))}
     updates, state = tx.update(grads, state, params, **extra)
-    smooth = 0.99 * smooth + 0.01 * jnp.nan_to_num(loss, nan=10.0)
-    return step + 1, key, optax.apply_updates(params, updates), state, smooth
+    return optax.apply_updates(params, updates), state, loss
 
-  def not_done(carry):
-    step, _, _, _, smooth = carry
-    return (step < max_steps) & (smooth >= SUCCESS_LOSS)
+  all_seeds = jax.vmap(one_seed, in_axes=(0, axes, 0), out_axes=(0, axes, 0))
+
+  def one_step(carry):
+    step, keys, params, state, smooth, solved_at = carry
+    keys, batch_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
+    params, state, loss = all_seeds(params, state, batch_keys[:, 0])
+    smooth = 0.99 * smooth + 0.01 * jnp.nan_to_num(loss, nan=10.0)
+    step = step + 1
+    solved_at = jnp.where((solved_at < 0) & (smooth < SUCCESS_LOSS), step, solved_at)
+    return step, keys[:, 0], params, state, smooth, solved_at
 
   @jax.jit
-  def run(seed):
-    params = init_params(jax.random.fold_in(jax.random.key(0), seed))
-    carry = (jnp.asarray(0), jax.random.fold_in(jax.random.key(1), seed), params,
-             tx.init(params), jnp.asarray(0.7))
-    step, *_, smooth = jax.lax.while_loop(not_done, one_step, carry)
-    return step, smooth
+  def run_chunk(carry, limit):
+    not_done = lambda carry: (carry[0] < limit) & jnp.any(carry[-1] < 0)
+    return jax.lax.while_loop(not_done, one_step, carry)
 
-  step, smooth = run(seed)
-  return int(step) if float(smooth) < SUCCESS_LOSS else None
+  carry = (jnp.asarray(0),
+           jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(1), seed))(seeds),
+           params, jax.jit(jax.vmap(tx.init, out_axes=axes))(params),
+           jnp.full(seeds.shape, 0.7), jnp.full(seeds.shape, -1))
+  for limit in range(chunk, max_steps + chunk, chunk):
+    carry = run_chunk(carry, min(limit, max_steps))
+    solved_at = np.asarray(carry[-1])
+    if progress is not None:
+      progress(int(carry[0]), [int(steps) if steps >= 0 else None for steps in solved_at])
+    if (solved_at >= 0).all():
+      break
+  return [int(steps) if steps >= 0 else None for steps in solved_at]
 
 
 def _worker_init():
@@ -133,31 +166,25 @@ def _worker_init():
 
 
 def _job(args):
-  name, adam_lr, length, seed, max_steps = args
+  name, adam_lr, length, seeds, max_steps, log = args
   tx, value_fn_layout = methods(adam_lr)[name]
+  progress = None
+  if log:
+    progress = lambda step, steps: print(
+        f"# length {length} {name}: step {step}, solved "
+        f"{sum(count is not None for count in steps)}/{len(seeds)}: "
+        f"{' '.join(str(count or '-') for count in steps)}", flush=True)
   began = time.perf_counter()
-  steps = train_one(tx, value_fn_layout, length, seed, max_steps)
+  steps = train_seeds(tx, value_fn_layout, length, seeds, max_steps, progress=progress)
   return steps, time.perf_counter() - began
 
 
-def _run_jobs(pool, jobs, log):
-  """Results of ``jobs`` in order; each seed's result is also logged as it finishes, so a run
-  cut short still leaves its finished seeds on record."""
-  results = [None] * len(jobs)
-  for index, result in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
-    results[index] = result
-    name, _, length, seed, _ = jobs[index]
-    steps, seconds = result
-    if log:
-      print(f"# length {length} {name} seed {seed}: "
-            f"{'solved at ' + str(steps) if steps is not None else 'not solved'} "
-            f"({seconds:.0f} s)", flush=True)
-  return results
-
-
-def _indexed_job(indexed):
-  index, job = indexed
-  return index, _job(job)
+def _row(length, name, steps, seconds):
+  wins = [count for count in steps if count is not None]
+  median_text = f"{np.median(wins):.0f}" if wins else "-"
+  print(f"{length:>6} | {name:<28} | {len(wins):>3}/{len(steps):<3} | {median_text:>12} |"
+        f" {seconds:>8.0f} | {' '.join(str(count or '-') for count in steps)}", flush=True)
+  return len(wins), -(np.median(wins) if wins else np.inf)
 
 
 def main():
@@ -166,12 +193,9 @@ def main():
   parser.add_argument("--seeds", type=int, default=10)
   parser.add_argument("--max-steps", type=int, default=20_000)
   parser.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-  parser.add_argument("--sweep-seeds", type=int, default=None,
-                      help="seeds of adam's lr sweep (default: all); the best lr then runs "
-                           "every seed")
   parser.add_argument("--workers", type=int, default=os.cpu_count())
   parser.add_argument("--log-seeds", action="store_true",
-                      help="print each seed's result as it finishes")
+                      help="print each method's progress every 5000 steps")
   parser.add_argument("--only", nargs="+", choices=["lra", "kron", "adam"],
                       default=["lra", "kron", "adam"], help="methods to run")
   args = parser.parse_args()
@@ -179,54 +203,32 @@ def main():
         f" {args.workers} worker processes), budget {args.max_steps} steps, {args.seeds} seeds;"
         f" adam's lr is swept at length {args.lengths[0]} and its best lr reused after")
   print(f"{'length':>6} | {'method':<28} | {'success':>7} | {'median steps':>12} |"
-        f" {'core-seconds':>12}", flush=True)
+        f" {'seconds':>8} | steps of each seed", flush=True)
+  seeds = tuple(range(args.seeds))
   context = multiprocessing.get_context("spawn")
-  best_adam_lr = None
+  adam_lrs = args.adam_lrs
   with context.Pool(args.workers, initializer=_worker_init) as pool:
     for length in args.lengths:
-      adam_lrs = args.adam_lrs if best_adam_lr is None else [best_adam_lr]
-      runs = [(name, adam_lrs[0]) for name in methods(adam_lrs[0])
+      jobs = [(name, adam_lrs[0], length, seeds, args.max_steps, args.log_seeds)
+              for name in methods(adam_lrs[0])
               if not name.startswith("adam") and any(key in name for key in args.only)]
       if "adam" in args.only:
-        runs += [(f"adam lr={lr:g}", lr) for lr in adam_lrs]
-      adam_results = []
-      sweeping = best_adam_lr is None and len(adam_lrs) > 1
-      sweep_seeds = min(args.sweep_seeds or args.seeds, args.seeds)
-      sweep_results = {}
-      for name, adam_lr in runs:
-        seeds = sweep_seeds if sweeping and name.startswith("adam") else args.seeds
-        jobs = [(name, adam_lr, length, seed, args.max_steps) for seed in range(seeds)]
-        results = _run_jobs(pool, jobs, args.log_seeds)
-        if seeds < args.seeds:
-          sweep_results[adam_lr] = results
-          print(f"{length:>6} | {name + ' (sweep)':<28} | "
-                f"{sum(s is not None for s, _ in results):>3}/{seeds:<3} |", flush=True)
-          continue
-        wins = [steps for steps, _ in results if steps is not None]
-        median_text = f"{np.median(wins):.0f}" if wins else "-"
-        seconds = sum(took for _, took in results)
-        print(f"{length:>6} | {name:<28} | {len(wins):>3}/{args.seeds:<3} | {median_text:>12} |"
-              f" {seconds:>12.0f}", flush=True)
+        jobs += [(f"adam lr={lr:g}", lr, length, seeds, args.max_steps, args.log_seeds)
+                 for lr in adam_lrs]
+      adam_ranks = {}
+      for index, (steps, seconds) in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
+        name, adam_lr = jobs[index][:2]
+        rank = _row(length, name, steps, seconds)
         if name.startswith("adam"):
-          adam_results.append((len(wins), -(np.median(wins) if wins else np.inf), adam_lr))
-      if sweep_results:  # the sweep ran on a few seeds: pick by them, then run every seed
-        def sweep_rank(lr):
-          wins = [steps for steps, _ in sweep_results[lr] if steps is not None]
-          return len(wins), -(np.median(wins) if wins else np.inf)
-        best_adam_lr = max(sweep_results, key=sweep_rank)
-        print(f"{'':>6}   best adam lr on {sweep_seeds} seeds: {best_adam_lr:g}", flush=True)
-        name = f"adam lr={best_adam_lr:g}"
-        jobs = [(name, best_adam_lr, length, seed, args.max_steps)
-                for seed in range(sweep_seeds, args.seeds)]
-        results = sweep_results[best_adam_lr] + _run_jobs(pool, jobs, args.log_seeds)
-        wins = [steps for steps, _ in results if steps is not None]
-        median_text = f"{np.median(wins):.0f}" if wins else "-"
-        seconds = sum(took for _, took in results)
-        print(f"{length:>6} | {name:<28} | {len(wins):>3}/{args.seeds:<3} | {median_text:>12} |"
-              f" {seconds:>12.0f}", flush=True)
-      elif adam_results and best_adam_lr is None:
-        best_adam_lr = max(adam_results)[2]
-        print(f"{'':>6}   best adam lr: {best_adam_lr:g}", flush=True)
+          adam_ranks[adam_lr] = rank
+      if len(adam_ranks) > 1:
+        adam_lrs = [max(adam_ranks, key=adam_ranks.get)]
+        print(f"{'':>6}   best adam lr: {adam_lrs[0]:g} (reused at longer lengths)", flush=True)
+
+
+def _indexed_job(indexed):
+  index, job = indexed
+  return index, _job(job)
 
 
 if __name__ == "__main__":
