@@ -49,6 +49,8 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
+from psgd_optax._src.sharding import like
+
 CURVATURES = ("whitening", "newton", "finite_difference", "secant")
 DAMPING_TYPES = ("relative", "traditional", "nonconvex")
 
@@ -86,7 +88,8 @@ def _rms(x: jax.Array) -> jax.Array:
 
 
 def _probe_leaves(key, leaves, dtype):
-  return [jax.random.normal(jax.random.fold_in(key, i), leaf.shape, dtype)
+  """Gaussian probes shaped (and, on a mesh, sharded) like ``leaves``."""
+  return [like(jax.random.normal(jax.random.fold_in(key, i), leaf.shape, dtype), leaf)
           for i, leaf in enumerate(leaves)]
 
 
@@ -246,7 +249,7 @@ class Secant:
                        "update(grads, state, params).")
 
   def init(self, params, dtype):
-    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params)
+    zeros = jax.tree.map(lambda p: like(jnp.zeros(p.shape, dtype), p), params)
     return SecantMemory(params=zeros, grads=zeros, has_previous=jnp.asarray(False))
 
   def remember(self, memory, grads, params, treedef, dtype):

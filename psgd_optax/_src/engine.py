@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from psgd_optax._src import curvature as curvature_lib
+from psgd_optax._src import sharding as sharding_lib
 from psgd_optax._src.groups.base import GroupForShape
 from psgd_optax._src.schedules import update_probability_schedule
 from psgd_optax._src.trees import all_finite, rebuild, value_at
@@ -133,6 +134,16 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       preconditioners of shape ``s`` (own factors, initial scale and fit), equal to ``L``
       separate leaves; its state has the leading ``L`` axis. With
       ``optax.inject_hyperparams`` pass it in ``static_args``.
+    preconditioner_sharding: layout of the stored preconditioner state on a mesh (params
+      sharded with ``jax.jit`` and ``NamedSharding``): ``None`` keeps every factor
+      replicated; a ``jax.sharding.PartitionSpec`` such as ``P("x")`` shards the leading
+      axes of each state array where they divide evenly (the rows of big factors, the layer
+      axis of stacked factors), dividing the state's memory over the devices; a
+      ``NamedSharding`` does the same on its own mesh; a callable ``shape ->
+      PartitionSpec | None`` decides per array. The factors are gathered for the step's
+      math and stored back in this layout. Params-shaped state keeps the params' sharding
+      and the output has the incoming updates' sharding. With ``optax.inject_hyperparams``
+      pass a callable in ``static_args``.
     bucketing: run leaves of the same shape and group structure as one stack through one
       ``vmap``ped fit and preconditioning, so a model of many identical blocks traces (and
       compiles) that code once per distinct shape rather than once per leaf. Results are
@@ -153,6 +164,7 @@ def preconditioner(
     seed: int = 0,
     axis_name: Any = None,
     stacked: Any = None,
+    preconditioner_sharding: Any = None,
     bucketing: bool = True,
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
@@ -190,6 +202,8 @@ def preconditioner(
                        damping_type=damping_type, precond_dtype=precond_dtype, seed=seed,
                        axis_name=axis_name)
   check_stacked_spec(stacked)
+  sharding_lib.check_preconditioner_sharding(preconditioner_sharding)
+  place = sharding_lib.state_layout(preconditioner_sharding)
   if not isinstance(bucketing, bool):
     raise ValueError(f"bucketing must be a bool, got {bucketing!r}.")
   if update_probability is None:
@@ -276,7 +290,7 @@ def preconditioner(
     built = [init_leaf(leaf, flag) for leaf, flag in zip(leaves, stacked_flags(params))]
     return PSGDState(
         count=jnp.zeros([], jnp.int32),
-        preconditioner=treedef.unflatten([q for q, _ in built]),
+        preconditioner=jax.tree.map(place, treedef.unflatten([q for q, _ in built])),
         scale_set=treedef.unflatten([scale_set for _, scale_set in built]),
         curvature=source.init(params, dtype),
     )
@@ -295,7 +309,10 @@ def preconditioner(
   def compiled_update(updates, state, params, *, value_fn, hvp, vector):
     curvature_args = {"value_fn": value_fn, "hvp": hvp, "vector": vector}
     leaves, treedef = jax.tree.flatten(updates)
-    grads = [leaf.astype(dtype) for leaf in leaves]
+    # Curvature sources see the gradients in the params' layout; the group math sees
+    # replicated copies (see _src/sharding.py; both are the same off a mesh).
+    source_grads = [leaf.astype(dtype) for leaf in leaves]
+    grads = [sharding_lib.replicated(g) for g in source_grads]
     # Each group's structure is read from its state's leaves (so structural options that
     # inject_hyperparams traces are only used in init), and the state is rebuilt in the
     # group's own containers: frameworks such as flax.nnx hand states back re-containered.
@@ -307,7 +324,8 @@ def preconditioner(
     groups = [group_for_shape(tuple(leaf.shape)[1 if flag else 0:], one_layer(q, flag))
               for leaf, q, flag in zip(leaves, stored, flags)]
     # (A stacked leaf's state has one layer's structure, with longer arrays.)
-    q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype), q)
+    q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype),
+                        [sharding_lib.replicated(a) for a in q])
                 for group, q in zip(groups, stored)]
     set_leaves = treedef.flatten_up_to(state.scale_set)
     memory = rebuild(lambda: source.init(updates, dtype), jax.tree.leaves(state.curvature))
@@ -327,8 +345,11 @@ def preconditioner(
     def fit(carry):
       q_old, scale_set = carry
       fit_grads = average(grads)
-      pair = source.pair(probe_key, fit_grads, params, treedef, dtype, curvature_args, memory)
-      pair = dataclasses.replace(pair, products=average(pair.products))
+      pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
+                         curvature_args, memory)
+      pair = dataclasses.replace(
+          pair, vectors=[sharding_lib.replicated(v) for v in pair.vectors],
+          products=[sharding_lib.replicated(h) for h in average(pair.products)])
       finite = all_finite([fit_grads, pair.vectors, pair.products]) & pair.valid
 
       def fit_leaf(group, q, was_set, v, h):
@@ -352,18 +373,19 @@ def preconditioner(
     directions = [bucket_fn(lambda group, q, g: group.precondition(q, g), groups, flags,
                             indices)(q, gather(grads, indices))
                   for indices, q in zip(buckets, q_buckets)]
-    preconditioned = [direction.astype(leaf.dtype) for direction, leaf in
-                      zip(scatter(directions, buckets, len(leaves)), leaves)]
+    preconditioned = [sharding_lib.like(direction.astype(leaf.dtype), leaf) for direction, leaf
+                      in zip(scatter(directions, buckets, len(leaves)), leaves)]
     q_leaves = scatter(q_buckets, buckets, len(leaves))
     set_leaves = scatter(set_buckets, buckets, len(leaves))
     new_state = PSGDState(
         count=optax.safe_increment(state.count),
-        preconditioner=treedef.unflatten(q_leaves),
+        preconditioner=jax.tree.map(place, treedef.unflatten(q_leaves)),
         scale_set=treedef.unflatten(set_leaves),
         # A source with memory (secant pairs) keeps the averaged gradients, so the state
         # stays the same on every replica; the others pay no extra all-reduce.
-        curvature=source.remember(memory, average(grads) if jax.tree.leaves(memory) else grads,
-                                  params, treedef, dtype),
+        curvature=source.remember(
+            memory, average(source_grads) if jax.tree.leaves(memory) else source_grads,
+            params, treedef, dtype),
     )
     return treedef.unflatten(preconditioned), new_state
 
