@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psgd_optax._src.sharding import like, replicated
 from psgd_optax._src.trees import all_finite, rebuild, value_at
 from psgd_optax._src.validation import check_float_dtype, check_integer, check_number
 
@@ -75,7 +76,7 @@ def _hypergradient_transformation(parametrization_for_shape, learning_rate, hype
     return HypergradientState(
         count=jnp.zeros([], jnp.int32),
         preconditioner=preconditioner,
-        previous_updates=jax.tree.map(lambda p: jnp.zeros(p.shape, dtype), params),
+        previous_updates=jax.tree.map(lambda p: like(jnp.zeros(p.shape, dtype), p), params),
         has_previous=jnp.asarray(False),
         hyper_state=hyper_optimizer.init(preconditioner))
 
@@ -84,8 +85,10 @@ def _hypergradient_transformation(parametrization_for_shape, learning_rate, hype
   def compiled_update(updates, state):
     if not isinstance(state, HypergradientState):  # e.g. flax.nnx's own state containers
       state = rebuild(lambda: make_state(updates), jax.tree.leaves(state))
-    grads = jax.tree.map(lambda u: u.astype(dtype), updates)
-    previous = state.previous_updates
+    # On a mesh the per-leaf matrices couple a whole axis: their math runs on replicated
+    # copies, while the stored previous gradient keeps the params' layout (_src/sharding.py).
+    grads = jax.tree.map(lambda u: replicated(u.astype(dtype)), updates)
+    previous = jax.tree.map(replicated, state.previous_updates)
     # ε of the step that produced the current parameters.
     outer_lr = jnp.asarray(value_at(learning_rate, jnp.maximum(state.count - 1, 0)), dtype)
 
@@ -105,14 +108,16 @@ def _hypergradient_transformation(parametrization_for_shape, learning_rate, hype
     hyper_state = keep(moved_hyper_state, state.hyper_state)
 
     directions = jax.tree.map(
-        lambda m, g, u: parametrization_for_shape(g.shape, m).apply(m, g).astype(u.dtype),
+        lambda m, g, u: like(parametrization_for_shape(g.shape, m).apply(m, g).astype(u.dtype),
+                             u),
         preconditioner, grads, updates)
     new_state = HypergradientState(
         count=optax.safe_increment(state.count),
         preconditioner=preconditioner,
         # A non-finite gradient is not cached, and the next step pairs with nothing.
-        previous_updates=jax.tree.map(lambda g, old: jnp.where(grads_finite, g, old),
-                                      grads, previous),
+        previous_updates=jax.tree.map(
+            lambda u, old: jnp.where(grads_finite, u.astype(dtype), old),
+            updates, state.previous_updates),
         has_previous=grads_finite,
         hyper_state=hyper_state)
     return directions, new_state

@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psgd_optax._src.sharding import like
 from psgd_optax._src.trees import rebuild
 from psgd_optax._src.validation import check_float_dtype, check_number
 
@@ -133,7 +134,7 @@ def snr(
   dtype = jnp.dtype(precond_dtype)
 
   def init_fn(params):
-    zeros = lambda p: jnp.zeros(p.shape, dtype)
+    zeros = lambda p: like(jnp.zeros(p.shape, dtype), p)
     return SNRState(count=jnp.zeros([], jnp.int32), mean=jax.tree.map(zeros, params),
                     second_moment=jax.tree.map(zeros, params))
 
