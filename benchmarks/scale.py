@@ -1,19 +1,33 @@
-"""Compile time vs model depth, with and without bucketing.
+"""Compile time vs model depth, with and without bucketing; step time and memory vs psgdax.
 
     python benchmarks/scale.py                    # blocks 4 8 16 32
     python benchmarks/scale.py --blocks 4 32 --family diag
+    python benchmarks/scale.py --versus psgdax    # needs `pip install psgdax`
 
 A residual MLP of ``N`` identical blocks (each a ``(width, width)`` kernel and a bias), written
 as a Python loop so that every block is its own leaf. For each ``N`` and for
 ``bucketing=True/False`` it times ``jax.jit(step).lower(...).compile()`` of one training step
 (gradient, ``psgd.kron`` preconditioner update with a fit, optax apply) and prints the compile
 time relative to the smallest ``N`` with bucketing, all in this one process.
+
+``--versus psgdax`` instead times one jitted training step (gradient + optimizer) of
+``psgd.optimizers.kron`` and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs
+beside current optax; ``psgd-jax`` imports a private optax module that no longer exists) on
+the MLP and transformer of ``benchmarks/step_time.py``, with matched settings: whitening,
+momentum 0.9, preconditioner lr 0.1, the same update probability, preconditioned-update RMS
+clipped at 1, dense factors for axes with ``n² ≤ size`` (``max_skew=1``, psgdax's rule),
+float32 everywhere (psgdax's matmuls at float32 precision, not its TF32 default). Prints
+median and mean step times, the optimizer state's bytes and XLA's peak memory estimate for
+the compiled step (arguments + outputs + temporaries − aliased), each as ours / theirs, the
+two interleaved in this one process.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+
+import numpy as np
 
 import jax
 import jax.numpy as jnp
@@ -50,12 +64,78 @@ def compile_seconds(blocks, width, family, bucketing):
   return time.perf_counter() - began
 
 
+def _state_bytes(state):
+  return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
+
+
+def _peak_bytes(step, params, state):
+  stats = jax.jit(step).lower(params, state).compile().memory_analysis()
+  if stats is None:
+    return float("nan")
+  return (stats.argument_size_in_bytes + stats.output_size_in_bytes
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+
+
+def versus_psgdax(steps, probabilities, rounds=3):
+  import psgdax  # pylint: disable=import-outside-toplevel
+  import step_time  # pylint: disable=import-outside-toplevel
+
+  print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
+        f"{rounds} interleaved rounds of {steps} timed steps; ratios are ours / psgdax")
+  print(f"{'model':<12}{'p':>5}{'optimizer':>16}{'median ms':>11}{'mean ms':>9}"
+        f"{'state MB':>10}{'peak MB':>9}")
+  for model, build in (("mlp", step_time.mlp_model),
+                       ("transformer", step_time.transformer_model)):
+    params, loss_fn = build(jax.random.key(0))
+    for probability in probabilities:
+      optimizers = {
+          "psgd_optax": psgd.optimizers.kron(
+              learning_rate=1e-3, momentum=0.9, update_probability=probability,
+              precond_lr=0.1, max_skew=1.0, max_update_rms=1.0),
+          "psgdax": psgdax.kron(
+              learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
+              preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
+              precond_update_precision="float32", precond_grads_precision="float32"),
+      }
+      rows = {}
+      for name, tx in optimizers.items():
+        def step(params, state, tx=tx):
+          updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+          return optax.apply_updates(params, updates), state
+        state = tx.init(params)
+        rows[name] = {"step": step_time.optimizer_step(tx, loss_fn, False), "state": state,
+                      "bytes": _state_bytes(state), "peak": _peak_bytes(step, params, state),
+                      "medians": [], "means": []}
+      for _ in range(rounds):  # interleaved, so both see the same machine load
+        for row in rows.values():
+          median, mean = step_time.time_steps(row["step"], (params, row["state"]), steps)
+          row["medians"].append(median)
+          row["means"].append(mean)
+      for name, row in rows.items():
+        print(f"{model:<12}{probability:>5}{name:>16}{np.median(row['medians']):>11.2f}"
+              f"{np.median(row['means']):>9.2f}{row['bytes'] / 1e6:>10.2f}"
+              f"{row['peak'] / 1e6:>9.1f}")
+      ours, theirs = rows["psgd_optax"], rows["psgdax"]
+      print(f"{'':<12}{'':>5}{'ratio':>16}"
+            f"{np.median(ours['medians']) / np.median(theirs['medians']):>10.2f}×"
+            f"{np.median(ours['means']) / np.median(theirs['means']):>8.2f}×"
+            f"{ours['bytes'] / theirs['bytes']:>9.2f}×{ours['peak'] / theirs['peak']:>8.2f}×",
+            flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16, 32])
   parser.add_argument("--width", type=int, default=64)
   parser.add_argument("--family", default="kron", choices=["kron", "diag"])
+  parser.add_argument("--versus", choices=["psgdax"], default=None,
+                      help="time and measure memory against another JAX PSGD instead")
+  parser.add_argument("--steps", type=int, default=30, help="timed steps per round (--versus)")
+  parser.add_argument("--probabilities", type=float, nargs="+", default=[1.0, 0.1])
   args = parser.parse_args()
+  if args.versus:
+    versus_psgdax(args.steps, args.probabilities)
+    return
   print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
         f"psgd.{args.family}, compile time of one training step")
   print(f"{'blocks':>6} {'bucketing':>10} {'compile s':>10} {'vs first':>9}")
