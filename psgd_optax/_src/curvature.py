@@ -12,11 +12,13 @@ r"""Where the curvature pair ``(v, h)`` that ``Q`` is fitted to comes from.
   kept explicit in the fit: on a quadratic with ``P = H⁻¹`` each pair then fits exactly,
   which is what lets the fit converge to machine precision.
 ``"finite_difference"`` (Li 2018 §II.A)
-  ``h = (∇f(θ + δv) − ∇f(θ)) / δ`` from two reverse-mode gradients of ``value_fn`` on
-  fitting steps, with ``δ = √eps`` of the params' dtype. For losses whose second
-  derivative JAX cannot take (``jax.custom_vjp``, some custom kernels). ``v`` is the
-  perturbation actually representable, ``((θ + δv) − θ)/δ``, so rounding of ``θ + δv``
-  does not bias the pair.
+  ``h = (∇f(θ + δv) − ∇f(θ − δv)) / 2δ`` from two reverse-mode gradients of ``value_fn``
+  on fitting steps, with ``δ = eps^{1/3}`` of the params' dtype. For losses whose second
+  derivative JAX cannot take (``jax.custom_vjp``, some custom kernels). The central
+  difference costs the same two gradients as the forward one, ``(∇f(θ + δv) − ∇f(θ))/δ``
+  at ``δ = √eps``, and is about ten times more accurate (relative error ~1e-4 rather than
+  ~1e-3 in float32). ``v`` is the perturbation actually representable,
+  ``((θ + δv) − (θ − δv))/2δ``, so rounding of ``θ ± δv`` does not bias the pair.
 ``"secant"`` (the BFGS-like pairs of Li et al. 2023)
   ``v = θ_t − θ_{t−1}`` and ``h = g_t − g_{t−1}`` from the previous step's params and
   gradients, kept in the state. No extra gradient, no ``value_fn``; the first step has
@@ -27,9 +29,11 @@ A source has ``init(params, dtype)`` (its memory, ``()`` for most),
 ``remember(memory, grads, params, treedef, dtype)`` (called every step, fitting or not),
 ``check_args(params, extra_args)`` (clear errors before tracing) and
 ``pair(key, grads, params, treedef, dtype, extra_args, memory)`` (called on fitting steps
-only, inside ``lax.cond``).
+only, inside ``lax.cond``; it returns the undamped pair) and ``damping``.
 
-Damping (Li 2018 §III.C), added to ``h`` by every source (``damping_type``):
+Damping (Li 2018 §III.C), added to every source's ``h`` (``damping_type``); the engine
+applies it per leaf inside the fit (``Damping.leaf``), so bucketed leaves share one traced
+copy of it:
 
 ``"relative"`` (default)
   ``h + λ·rms(h)·v``: means the same thing at every gradient scale.
@@ -44,10 +48,12 @@ Damping (Li 2018 §III.C), added to ``h`` by every source (``damping_type``):
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from psgd_optax._src.sharding import like
 
@@ -61,7 +67,7 @@ class CurvaturePair:
 
   Attributes:
     vectors: the probes ``v``.
-    products: ``h``, the curvature applied to ``v`` (or the damped gradient).
+    products: ``h``, the curvature applied to ``v`` (or the gradient), before damping.
     integrate_probe: whether the fit may replace ``vvᵀ`` by its expectation ``I``.
     valid: a boolean scalar; ``False`` when there is no pair this step (e.g. the first
       step of ``"secant"``), so ``Q`` must not move.
@@ -88,9 +94,15 @@ def _rms(x: jax.Array) -> jax.Array:
 
 
 def _probe_leaves(key, leaves, dtype):
-  """Gaussian probes shaped (and, on a mesh, sharded) like ``leaves``."""
-  return [like(jax.random.normal(jax.random.fold_in(key, i), leaf.shape, dtype), leaf)
-          for i, leaf in enumerate(leaves)]
+  """Gaussian probes shaped (and, on a mesh, sharded) like ``leaves``.
+
+  One draw for all leaves, cut into pieces: a random-number generator per leaf would grow
+  the traced program (and its compile time) with the number of leaves."""
+  sizes = [math.prod(leaf.shape) for leaf in leaves]
+  draw = jax.random.normal(key, (sum(sizes),), dtype)
+  starts = np.cumsum([0] + sizes[:-1])
+  return [like(draw[start:start + size].reshape(leaf.shape), leaf)
+          for start, size, leaf in zip(starts.tolist(), sizes, leaves)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +112,16 @@ class Damping:
   strength: Any = 0.0
   kind: str = "relative"
 
+  def leaf(self, v, h, independent=None):
+    """One leaf's damped product; ``independent`` is ``v′`` (``"nonconvex"`` only)."""
+    if self.kind == "nonconvex":
+      return h + self.strength * independent
+    if self.kind == "traditional":
+      return h + self.strength * v
+    return h + self.strength * _rms(h) * v
+
   def __call__(self, key, vectors, products):
+    """Every leaf's damped product (the list form of :meth:`leaf`)."""
     if self.kind == "nonconvex":
       independent = _probe_leaves(jax.random.fold_in(key, 1 << 20), vectors,
                                   vectors[0].dtype if vectors else jnp.float32)
@@ -136,8 +157,7 @@ class Whitening(_Stateless):
     del params, treedef, extra_args, memory
     probes = _probe_leaves(key, grads, dtype)
     # With the independent damping v′ is independent of both g and v anyway.
-    return CurvaturePair(probes, self.damping(key, probes, list(grads)),
-                         integrate_probe=True)
+    return CurvaturePair(probes, list(grads), integrate_probe=True)
 
 
 def _check_value_fn(name, params, value_fn) -> None:
@@ -197,13 +217,13 @@ class Newton(_Stateless):
             "derivative) or pass hvp= and vector= yourself.") from error
       vectors = [t.astype(dtype) for t in tangents]
       products = [h.astype(dtype) for h in treedef.flatten_up_to(hvp_tree)]
-    return CurvaturePair(vectors, self.damping(key, vectors, products),
-                         integrate_probe=False)
+    return CurvaturePair(vectors, products, integrate_probe=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class FiniteDifference(_Stateless):
-  """``(v, (∇f(θ + δv) − ∇f(θ))/δ + damping)`` with ``δ = √eps`` of the params' dtype."""
+  """``(v, (∇f(θ + δv) − ∇f(θ − δv))/2δ + damping)`` with ``δ = eps^{1/3}`` of the
+  params' dtype."""
 
   damping: Damping = Damping(0.0)
   name: str = "finite_difference"
@@ -221,18 +241,23 @@ class FiniteDifference(_Stateless):
     del grads, memory
     param_leaves = treedef.flatten_up_to(params)
     probes = _probe_leaves(key, param_leaves, dtype)
-    deltas = [jnp.sqrt(jnp.finfo(leaf.dtype).eps).astype(leaf.dtype) for leaf in param_leaves]
-    moved = [leaf + delta * probe.astype(leaf.dtype)
+    # Central differences at δ = eps^{1/3}: error O(δ²) + O(eps/δ) ≈ eps^{2/3} for the same
+    # two gradients a forward difference needs (whose best is ≈ eps^{1/2}: about 1e-3
+    # relative in float32, too close to the tolerance users need).
+    deltas = [jnp.asarray(float(jnp.finfo(leaf.dtype).eps) ** (1 / 3), leaf.dtype)
+              for leaf in param_leaves]
+    ahead = [leaf + delta * probe.astype(leaf.dtype)
              for leaf, delta, probe in zip(param_leaves, deltas, probes)]
-    vectors = [((shifted - leaf) / delta).astype(dtype)
-               for shifted, leaf, delta in zip(moved, param_leaves, deltas)]
+    behind = [leaf - delta * probe.astype(leaf.dtype)
+              for leaf, delta, probe in zip(param_leaves, deltas, probes)]
+    vectors = [((forward - backward) / (2 * delta)).astype(dtype)
+               for forward, backward, delta in zip(ahead, behind, deltas)]
     gradient = jax.grad(extra_args["value_fn"])
-    at_params = treedef.flatten_up_to(gradient(params))
-    at_moved = treedef.flatten_up_to(gradient(treedef.unflatten(moved)))
-    products = [(b.astype(dtype) - a.astype(dtype)) / delta.astype(dtype)
-                for a, b, delta in zip(at_params, at_moved, deltas)]
-    return CurvaturePair(vectors, self.damping(key, vectors, products),
-                         integrate_probe=False)
+    at_ahead = treedef.flatten_up_to(gradient(treedef.unflatten(ahead)))
+    at_behind = treedef.flatten_up_to(gradient(treedef.unflatten(behind)))
+    products = [(a.astype(dtype) - b.astype(dtype)) / (2 * delta.astype(dtype))
+                for a, b, delta in zip(at_ahead, at_behind, deltas)]
+    return CurvaturePair(vectors, products, integrate_probe=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,8 +289,7 @@ class Secant:
     vectors = [p.astype(dtype) - q for p, q in
                zip(param_leaves, treedef.flatten_up_to(memory.params))]
     products = [g - q for g, q in zip(grads, treedef.flatten_up_to(memory.grads))]
-    return CurvaturePair(vectors, self.damping(key, vectors, products),
-                         integrate_probe=False, valid=memory.has_previous)
+    return CurvaturePair(vectors, products, integrate_probe=False, valid=memory.has_previous)
 
 
 _SOURCES = {"whitening": Whitening, "newton": Newton,

@@ -17,7 +17,6 @@ groups only through :class:`~psgd_optax._src.groups.base.Group`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple, Union
 
@@ -342,17 +341,31 @@ def preconditioner(
     q_buckets = [gather(q_leaves, indices) for indices in buckets]
     set_buckets = [gather(set_leaves, indices) for indices in buckets]
 
+    grad_buckets = [gather(grads, indices) for indices in buckets]
+
     def fit(carry):
       q_old, scale_set = carry
-      fit_grads = average(grads)
       pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
                          curvature_args, memory)
-      pair = dataclasses.replace(
-          pair, vectors=[sharding_lib.replicated(v) for v in pair.vectors],
-          products=[sharding_lib.replicated(h) for h in average(pair.products)])
-      finite = all_finite([fit_grads, pair.vectors, pair.products]) & pair.valid
+      vectors = [sharding_lib.replicated(v) for v in pair.vectors]
+      products = [sharding_lib.replicated(h) for h in average(pair.products)]
+      v_buckets = [gather(vectors, indices) for indices in buckets]
+      h_buckets = [gather(products, indices) for indices in buckets]
+      # Checked per bucket stack, not per leaf: one reduction per distinct shape. Averaged
+      # products are non-finite on every replica at once; a gradient may be non-finite on
+      # one replica only, so its flag is shared.
+      grads_finite = all_finite(grad_buckets)
+      if axis_name is not None:
+        grads_finite = average(grads_finite.astype(dtype)) == 1
+      finite = grads_finite & all_finite([v_buckets, h_buckets]) & pair.valid
+      # "nonconvex" damping adds an independent probe v′, drawn per bucket stack.
+      damping_key = jax.random.fold_in(probe_key, 1 << 20)
+      independent = [jax.random.normal(jax.random.fold_in(damping_key, number), h.shape, dtype)
+                     if source.damping.kind == "nonconvex" else None
+                     for number, h in enumerate(h_buckets)]
 
-      def fit_leaf(group, q, was_set, v, h):
+      def fit_leaf(group, q, was_set, v, h, v_independent):
+        h = source.damping.leaf(v, h, v_independent)
         scale = _initial_scale(v, h, pair.integrate_probe)
         scale_ok = jnp.isfinite(scale) & (scale > 0)
         usable = finite & jnp.any(h != 0) & (was_set | scale_ok)
@@ -363,16 +376,16 @@ def preconditioner(
         return (optax.tree.where(moved_ok, q_moved, optax.tree.where(usable, q_start, q)),
                 was_set | usable)
 
-      fitted = [bucket_fn(fit_leaf, groups, flags, indices)(
-          q, was_set, gather(pair.vectors, indices), gather(pair.products, indices))
-                for indices, q, was_set in zip(buckets, q_old, scale_set)]
+      fitted = [bucket_fn(fit_leaf, groups, flags, indices)(q, was_set, v, h, v_independent)
+                for indices, q, was_set, v, h, v_independent
+                in zip(buckets, q_old, scale_set, v_buckets, h_buckets, independent)]
       return [q for q, _ in fitted], [was_set for _, was_set in fitted]
 
     q_buckets, set_buckets = jax.lax.cond(fit_now, fit, lambda carry: carry,
                                           (q_buckets, set_buckets))
     directions = [bucket_fn(lambda group, q, g: group.precondition(q, g), groups, flags,
-                            indices)(q, gather(grads, indices))
-                  for indices, q in zip(buckets, q_buckets)]
+                            indices)(q, g)
+                  for indices, q, g in zip(buckets, q_buckets, grad_buckets)]
     preconditioned = [sharding_lib.like(direction.astype(leaf.dtype), leaf) for direction, leaf
                       in zip(scatter(directions, buckets, len(leaves)), leaves)]
     q_leaves = scatter(q_buckets, buckets, len(leaves))
