@@ -58,8 +58,10 @@ def _train(tx, newton=False, seed=0):
 
 
 def test_psgd_kron_matches_or_beats_adam_on_digits_mlp():
-  adam = max(_train(optax.adam(lr)) for lr in (1e-3, 3e-3, 1e-2))
-  kron = max(_train(psgd.optimizers.kron(learning_rate=lr)) for lr in (1e-3, 3e-3, 1e-2))
+  # Both at the best of the same two learning rates (1e-3 was neither's best over 300 steps
+  # and was dropped to keep the default run short).
+  adam = max(_train(optax.adam(lr)) for lr in (3e-3, 1e-2))
+  kron = max(_train(psgd.optimizers.kron(learning_rate=lr)) for lr in (3e-3, 1e-2))
   print(f"digits MLP test accuracy after {STEPS} steps: psgd.kron {kron:.4f}, adam {adam:.4f}")
   assert kron >= adam
   assert kron > 0.95
