@@ -122,13 +122,11 @@ class Damping:
 
   def __call__(self, key, vectors, products):
     """Every leaf's damped product (the list form of :meth:`leaf`)."""
+    independent = [None] * len(vectors)
     if self.kind == "nonconvex":
       independent = _probe_leaves(jax.random.fold_in(key, 1 << 20), vectors,
                                   vectors[0].dtype if vectors else jnp.float32)
-      return [h + self.strength * w for h, w in zip(products, independent)]
-    if self.kind == "traditional":
-      return [h + self.strength * v for h, v in zip(products, vectors)]
-    return [h + self.strength * _rms(h) * v for h, v in zip(products, vectors)]
+    return [self.leaf(v, h, w) for v, h, w in zip(vectors, products, independent)]
 
 
 class _Stateless:
@@ -246,10 +244,10 @@ class FiniteDifference(_Stateless):
     # relative in float32, too close to the tolerance users need).
     deltas = [jnp.asarray(float(jnp.finfo(leaf.dtype).eps) ** (1 / 3), leaf.dtype)
               for leaf in param_leaves]
-    ahead = [leaf + delta * probe.astype(leaf.dtype)
-             for leaf, delta, probe in zip(param_leaves, deltas, probes)]
-    behind = [leaf - delta * probe.astype(leaf.dtype)
+    shifts = [delta * probe.astype(leaf.dtype)
               for leaf, delta, probe in zip(param_leaves, deltas, probes)]
+    ahead = [leaf + shift for leaf, shift in zip(param_leaves, shifts)]
+    behind = [leaf - shift for leaf, shift in zip(param_leaves, shifts)]
     vectors = [((forward - backward) / (2 * delta)).astype(dtype)
                for forward, backward, delta in zip(ahead, behind, deltas)]
     gradient = jax.grad(extra_args["value_fn"])

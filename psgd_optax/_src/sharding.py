@@ -96,7 +96,7 @@ def state_layout(preconditioner_sharding: Any) -> Callable[[jax.Array], jax.Arra
     value = preconditioner_sharding
     if isinstance(value, NamedSharding):
       value = value.spec
-    if callable(value) and not isinstance(value, PartitionSpec):
+    if callable(value):
       value = value(tuple(x.shape))
     return PartitionSpec() if value is None else value
 
