@@ -364,3 +364,46 @@ def test_scan_beats_sgd_on_an_affine_layer_with_unnormalized_inputs():
                   optax.clip_by_global_norm(10.0), optax.scale(-1.0)),
       loss, theta, target, budget, extra=True)
   assert scan * 5 <= sgd, (scan, sgd)
+
+
+def test_affine_pairs_gives_scan_the_joined_layout_of_dense_and_conv_layers():
+  """affine_pairs(scan) on Flax-style kernel/bias pairs (a dense layer and a 3×3 conv) makes
+  the same Newton steps as scan on hand-joined Θ = [kernel (flattened to a matrix); bias]."""
+  rng = np.random.default_rng(3)
+  params = {"conv": {"kernel": jnp.asarray(rng.standard_normal((3, 3, 2, 4)), jnp.float32),
+                     "bias": jnp.asarray(rng.standard_normal(4), jnp.float32)},
+            "dense": {"kernel": jnp.asarray(rng.standard_normal((5, 3)), jnp.float32),
+                      "bias": jnp.asarray(rng.standard_normal(3), jnp.float32)},
+            "scale": jnp.ones(3)}
+  targets = jnp.asarray(rng.standard_normal(8), jnp.float32)
+
+  def loss(params):  # a non-quadratic loss coupling every leaf
+    conv = params["conv"]["kernel"].ravel()[:8] + params["conv"]["bias"][0]
+    dense = jnp.tanh(params["dense"]["kernel"].ravel()[:8]) + params["dense"]["bias"][1]
+    return jnp.sum((conv * dense * params["scale"][2] - targets) ** 2)
+
+  def join(tree):
+    return {"affine": [jnp.concatenate([tree[name]["kernel"].reshape(-1, tree[name]["bias"].size),
+                                        tree[name]["bias"][None]]) for name in ("conv", "dense")],
+            "other": [tree["scale"]]}
+
+  def split(joined):
+    conv, dense = joined["affine"]
+    return {"conv": {"kernel": conv[:-1].reshape(3, 3, 2, 4), "bias": conv[-1]},
+            "dense": {"kernel": dense[:-1], "bias": dense[-1]}, "scale": joined["other"][0]}
+
+  scan = lambda: psgd.scan(curvature="newton", update_probability=1.0, precond_lr=0.5)
+  wrapped, plain = psgd.affine_pairs(scan()), scan()
+  wrapped_state, plain_state = wrapped.init(params), plain.init(join(params))
+  for state in (wrapped_state.inner_state, plain_state):  # normalization ⊗ diagonal
+    assert [f.shape for f in state.preconditioner["affine"][0].factors] == [(2, 19), (4,)]
+  wrapped_update = jax.jit(lambda g, s, p: wrapped.update(g, s, p, value_fn=loss))
+  plain_update = jax.jit(lambda g, s, p: plain.update(
+      g, s, p, value_fn=lambda joined: loss(split(joined))))
+  for _ in range(3):
+    grads = jax.grad(loss)(params)
+    updates, wrapped_state = wrapped_update(grads, wrapped_state, params)
+    plain_updates, plain_state = plain_update(join(grads), plain_state, join(params))
+    jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
+                 updates, split(plain_updates))
+    params = optax.apply_updates(params, updates)

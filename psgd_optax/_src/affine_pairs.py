@@ -3,7 +3,9 @@
 The affine-layer preconditioners (:func:`psgd_optax.scan`, :func:`psgd_optax.scaw`) fit
 ``Q`` on ``Θ = [W; b]`` of shape ``(in + 1, out)``; Flax keeps ``W`` and ``b`` as separate
 leaves. This wrapper joins them before the inner transformation and splits its output,
-so the rest of an ``optax.chain`` never sees the joined layout.
+so the rest of an ``optax.chain`` never sees the joined layout. A convolution is an affine
+map of its input patches, so a kernel ``(*window, in, out)`` is flattened to
+``(prod(window)·in, out)`` first (Li 2019 §5.3 treats convolutions this way).
 """
 
 from __future__ import annotations
@@ -44,10 +46,10 @@ def _plan(tree, kernel_name, bias_name):
   index = {path: i for i, path in enumerate(paths)}
   pairs = []
   for i, path in enumerate(paths):
-    if not path or path[-1] != kernel_name or jnp.ndim(leaves[i]) != 2:
+    if not path or path[-1] != kernel_name or jnp.ndim(leaves[i]) < 2:
       continue
     j = index.get(path[:-1] + (bias_name,))
-    if j is not None and tuple(jnp.shape(leaves[j])) == (jnp.shape(leaves[i])[1],):
+    if j is not None and tuple(jnp.shape(leaves[j])) == (jnp.shape(leaves[i])[-1],):
       pairs.append((i, j))
   paired = {i for pair in pairs for i in pair}
   others = [i for i in range(len(leaves)) if i not in paired]
@@ -57,7 +59,8 @@ def _plan(tree, kernel_name, bias_name):
 def _join(tree, plan):
   pairs, others, treedef = plan
   leaves = treedef.flatten_up_to(tree)
-  joined = [jnp.concatenate([leaves[i], leaves[j][None].astype(leaves[i].dtype)], axis=0)
+  joined = [jnp.concatenate([jnp.reshape(leaves[i], (-1, jnp.shape(leaves[i])[-1])),
+                             leaves[j][None].astype(leaves[i].dtype)], axis=0)
             for i, j in pairs]
   return {"affine": joined, "other": [leaves[i] for i in others]}
 
@@ -66,7 +69,7 @@ def _split(joined, plan, like):
   pairs, others, treedef = plan
   leaves = list(treedef.flatten_up_to(like))
   for (i, j), theta in zip(pairs, joined["affine"]):
-    leaves[i] = theta[:-1]
+    leaves[i] = jnp.reshape(theta[:-1], jnp.shape(leaves[i]))
     leaves[j] = theta[-1].astype(leaves[j].dtype)
   for i, leaf in zip(others, joined["other"]):
     leaves[i] = leaf
@@ -79,7 +82,8 @@ def affine_pairs(inner: optax.GradientTransformation, *, kernel_name: str = "ker
 
   A leaf named ``kernel_name`` of shape ``(in, out)`` whose sibling ``bias_name`` has
   shape ``(out,)`` becomes one ``(in + 1, out)`` leaf for ``inner`` (the bias is the last
-  row, multiplying the constant input 1); other leaves pass through unchanged. Updates
+  row, multiplying the constant input 1); a convolution kernel ``(*window, in, out)``
+  becomes ``(prod(window)·in + 1, out)``; other leaves pass through unchanged. Updates
   come back in the original structure. The extra arguments ``value_fn``, ``hvp`` and
   ``vector`` are translated to the joined layout; others are forwarded as they are.
 
@@ -103,6 +107,9 @@ def affine_pairs(inner: optax.GradientTransformation, *, kernel_name: str = "ker
     ...                                       "bias": jnp.ones(3)}}, state, params)
     >>> updates["dense"]["kernel"].shape, updates["dense"]["bias"].shape
     ((4, 3), (3,))
+    >>> conv = {"kernel": jnp.ones((3, 3, 2, 8)), "bias": jnp.zeros(8)}  # 3×3 window, 2 → 8
+    >>> [f.shape for f in tx.init(conv).inner_state.preconditioner["affine"][0].factors]
+    [(2, 19), (8,)]
   """
   inner = optax.with_extra_args_support(inner)
 
