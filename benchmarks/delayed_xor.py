@@ -30,132 +30,21 @@ import argparse
 import multiprocessing
 import os
 import platform
+import sys
 import time
 
 import jax
-import jax.flatten_util
-import jax.numpy as jnp
 import numpy as np
-import optax
 
-import psgd_optax as psgd
-
-HIDDEN, BATCH = 30, 128
-SUCCESS_LOSS = 0.1
-
-
-def make_batch(key, length):
-  key_values, key_first, key_second = jax.random.split(key, 3)
-  values = jax.random.choice(key_values, jnp.asarray([-1.0, 1.0]), (BATCH, length))
-  first = jnp.floor(jax.random.uniform(key_first, (BATCH,)) * 0.1 * length).astype(int)
-  second = jnp.floor(jax.random.uniform(key_second, (BATCH,)) * 0.4 * length
-                     + 0.1 * length).astype(int)
-  rows = jnp.arange(BATCH)
-  markers = jnp.zeros((BATCH, length)).at[rows, first].set(1.0).at[rows, second].set(1.0)
-  same = values[rows, first] == values[rows, second]
-  targets = jnp.where(same, -1.0, 1.0)
-  return jnp.stack([values, markers], axis=-1), targets
-
-
-def init_params(key):
-  keys = jax.random.split(key, 3)
-  recurrent, _ = jnp.linalg.qr(jax.random.normal(keys[1], (HIDDEN, HIDDEN)))
-  return {"w_in": 0.1 * jax.random.normal(keys[0], (2, HIDDEN)), "w_rec": recurrent,
-          "b": jnp.zeros(HIDDEN), "w_out": 0.1 * jax.random.normal(keys[2], (HIDDEN, 1)),
-          "b_out": jnp.zeros([])}
-
-
-def loss_fn(params, inputs, targets):
-  def cell(hidden, x):
-    return jnp.tanh(x @ params["w_in"] + hidden @ params["w_rec"] + params["b"]), None
-  final, _ = jax.lax.scan(cell, jnp.zeros((BATCH, HIDDEN)), jnp.swapaxes(inputs, 0, 1))
-  logits = (final @ params["w_out"])[:, 0] + params["b_out"]
-  return jnp.mean(jax.nn.softplus(-targets * logits))
+# The task, the RNN and the vmapped trainer live with the example (examples/_rnn_tasks.py).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+import _rnn_tasks  # noqa: E402
+import delayed_xor as delayed_xor_example  # noqa: E402
 
 
 def methods(adam_lr):
-  clip = optax.clip_by_global_norm(1.0)
-  return {
-      "psgd.lra(rank=10) newton": (optax.chain(
-          optax.flatten(psgd.lra(rank=10, curvature="newton", update_probability=0.1)),
-          clip, optax.scale(-0.01)), "flat"),
-      "psgd.kron newton": (optax.chain(
-          psgd.kron(curvature="newton", update_probability=0.1), clip,
-          optax.scale(-0.01)), "tree"),
-      f"adam lr={adam_lr:g}": (optax.adam(adam_lr), None),
-  }
-
-
-def _state_axes(state):
-  """vmap axes of an optimizer state: every leaf batched over seeds except the step counts.
-
-  The counts are the same for every seed, and keeping them unbatched keeps the engine's
-  update coin (a function of the count and the optimizer's seed) unbatched, so its
-  ``lax.cond`` stays a branch under ``vmap`` instead of becoming a select that would pay for
-  every skipped fit."""
-  def axis(path, _):
-    last = path[-1] if path else None
-    return None if getattr(last, "name", None) == "count" else 0
-  return jax.tree_util.tree_map_with_path(axis, state)
-
-
-def train_seeds(tx, value_fn_layout, length, seeds, max_steps, chunk=5000, progress=None):
-  """Steps to success of each seed (``None`` for a failure), all seeds trained together.
-
-  The seeds are ``vmap``ped inside one jitted ``lax.while_loop`` that stops when every seed
-  has succeeded or the budget is spent; it runs in chunks of ``chunk`` steps so that
-  ``progress(step, steps_so_far)`` can report between them. Each seed's run is the run it would
-  have alone (its own initialization and data; the optimizer's seed, hence its probes and
-  update coin, is the same for all, as it would be in separate runs).
-
-  ``value_fn_layout``: ``None`` (first order), ``"tree"`` (``value_fn`` of the params) or
-  ``"flat"`` (under ``optax.flatten`` the inner transformation sees the flat vector)."""
-  seeds = jnp.asarray(seeds)
-  params = jax.vmap(lambda seed: init_params(jax.random.fold_in(jax.random.key(0), seed)))(
-      seeds)
-  axes = _state_axes(jax.eval_shape(tx.init, jax.tree.map(lambda leaf: leaf[0], params)))
-
-  def one_seed(params, state, key):
-    inputs, targets = make_batch(key, length)
-    loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
-    batch_loss = lambda p: loss_fn(p, inputs, targets)
-    extra = {}
-    if value_fn_layout == "tree":
-      extra = {"value_fn": batch_loss}
-    elif value_fn_layout == "flat":
-      unravel = jax.flatten_util.ravel_pytree(params)[1]
-      extra = {"value_fn": lambda flat: batch_loss(unravel(flat))}
-    updates, state = tx.update(grads, state, params, **extra)
-    return optax.apply_updates(params, updates), state, loss
-
-  all_seeds = jax.vmap(one_seed, in_axes=(0, axes, 0), out_axes=(0, axes, 0))
-
-  def one_step(carry):
-    step, keys, params, state, smooth, solved_at = carry
-    keys, batch_keys = jnp.split(jax.vmap(jax.random.split)(keys), 2, axis=1)
-    params, state, loss = all_seeds(params, state, batch_keys[:, 0])
-    smooth = 0.99 * smooth + 0.01 * jnp.nan_to_num(loss, nan=10.0)
-    step = step + 1
-    solved_at = jnp.where((solved_at < 0) & (smooth < SUCCESS_LOSS), step, solved_at)
-    return step, keys[:, 0], params, state, smooth, solved_at
-
-  @jax.jit
-  def run_chunk(carry, limit):
-    not_done = lambda carry: (carry[0] < limit) & jnp.any(carry[-1] < 0)
-    return jax.lax.while_loop(not_done, one_step, carry)
-
-  carry = (jnp.asarray(0),
-           jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(1), seed))(seeds),
-           params, jax.jit(jax.vmap(tx.init, out_axes=axes))(params),
-           jnp.full(seeds.shape, 0.7), jnp.full(seeds.shape, -1))
-  for limit in range(chunk, max_steps + chunk, chunk):
-    carry = run_chunk(carry, min(limit, max_steps))
-    solved_at = np.asarray(carry[-1])
-    if progress is not None:
-      progress(int(carry[0]), [int(steps) if steps >= 0 else None for steps in solved_at])
-    if (solved_at >= 0).all():
-      break
-  return [int(steps) if steps >= 0 else None for steps in solved_at]
+  """name → (optimizer, how it takes ``value_fn``): the example's methods at this Adam lr."""
+  return delayed_xor_example.methods(adam_lr)
 
 
 def _worker_init():
@@ -170,12 +59,13 @@ def _job(args):
   tx, value_fn_layout = methods(adam_lr)[name]
   progress = None
   if log:
-    progress = lambda step, steps: print(
+    progress = lambda step, steps, losses: print(
         f"# length {length} {name}: step {step}, solved "
         f"{sum(count is not None for count in steps)}/{len(seeds)}: "
         f"{' '.join(str(count or '-') for count in steps)}", flush=True)
   began = time.perf_counter()
-  steps = train_seeds(tx, value_fn_layout, length, seeds, max_steps, progress=progress)
+  steps, _ = _rnn_tasks.train_seeds(tx, value_fn_layout, _rnn_tasks.delayed_xor(length), seeds,
+                                    max_steps, progress=progress)
   return steps, time.perf_counter() - began
 
 
