@@ -21,7 +21,7 @@ and each seed's steps.
 
 Run:  python benchmarks/delayed_xor.py --lengths 32 64 --seeds 10 --max-steps 100000
 (the default budget, 20000 steps, is smaller so the script finishes sooner; results with the
-budget used are recorded in benchmarks/README.md).
+budget used are recorded in BENCHMARKS.md).
 """
 
 from __future__ import annotations

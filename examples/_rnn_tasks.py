@@ -234,18 +234,9 @@ def report(task: Task, results, seeds, max_steps, chunk, plot_path=None):
           f"{np.median(curve[-1]):>12.3g}{seconds:>9.1f}  "
           f"{' '.join(str(steps or '-') for steps in solved_at)}")
   if plot_path:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, (_, curve, _) in results.items():
-      steps = chunk * np.arange(1, len(curve) + 1)
-      ax.semilogy(steps, np.median(curve, axis=1), label=name)
-    ax.axhline(task.success_loss, color="gray", linestyle=":", label="success")
-    ax.set_xlabel("step")
-    ax.set_ylabel("smoothed training loss (median over seeds)")
-    ax.set_title(task.name)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(plot_path, dpi=120)
-    print(f"saved {plot_path}")
+    from _common import save_curves
+    save_curves({name: np.median(curve, axis=1) for name, (_, curve, _) in results.items()},
+                plot_path, xlabel="step", ylabel="smoothed training loss (median over seeds)",
+                title=f"{task.name} (success below {task.success_loss:g})",
+                steps={name: chunk * np.arange(1, len(curve) + 1)
+                       for name, (_, curve, _) in results.items()})

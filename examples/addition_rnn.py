@@ -25,18 +25,25 @@ import psgd_optax as psgd
 from _rnn_tasks import addition, compare, psgd_newton, report
 
 
-def methods():
-  """name → (optimizer, how it takes ``value_fn``). Each learning rate is the best of a sweep
-  over 50000 steps and seeds 0–2 (BENCHMARKS.md): PSGD 0.01, 0.03, 0.1 (clipped steps of
-  norm ≤ 1); Adam 1e-4 … 3e-3; SGD 3e-3 … 0.1."""
+# Learning rates: each the best of a sweep over 50000 steps and seeds 0-2 (BENCHMARKS.md):
+# PSGD 0.01, 0.03, 0.1 (of clipped steps of norm ≤ 1); Adam 1e-4 … 3e-3; SGD 3e-3 … 0.1.
+LEARNING_RATES = {"diag": 0.03, "kron": 0.03, "lra": 0.03, "adam": 3e-4, "sgd": 1e-2}
+
+
+def methods(learning_rates=None):
+  """name → (optimizer, how it takes ``value_fn``), keyed by the short names of
+  ``LEARNING_RATES``, whose values ``learning_rates`` overrides."""
+  lr = dict(LEARNING_RATES, **(learning_rates or {}))
   newton = dict(curvature="newton", update_probability=0.1)
   return {
-      "psgd.diag newton": (psgd_newton(psgd.diag(**newton), 0.03), "tree"),
-      "psgd.kron newton": (psgd_newton(psgd.kron(**newton), 0.03), "tree"),
-      "psgd.lra(rank=10) newton": (psgd_newton(optax.flatten(psgd.lra(rank=10, **newton)),
-                                               0.03), "flat"),
-      "adam lr=3e-4": (optax.adam(3e-4), None),
-      "sgd lr=1e-2": (optax.sgd(1e-2), None),
+      "diag": (f"psgd.diag newton lr={lr['diag']:g}",
+               psgd_newton(psgd.diag(**newton), lr["diag"]), "tree"),
+      "kron": (f"psgd.kron newton lr={lr['kron']:g}",
+               psgd_newton(psgd.kron(**newton), lr["kron"]), "tree"),
+      "lra": (f"psgd.lra(rank=10) newton lr={lr['lra']:g}",
+              psgd_newton(optax.flatten(psgd.lra(rank=10, **newton)), lr["lra"]), "flat"),
+      "adam": (f"adam lr={lr['adam']:g}", optax.adam(lr["adam"]), None),
+      "sgd": (f"sgd lr={lr['sgd']:g}", optax.sgd(lr["sgd"]), None),
   }
 
 
@@ -49,10 +56,15 @@ def main():
   parser.add_argument("--methods", nargs="+",
                       choices=["diag", "kron", "lra", "adam", "sgd"],
                       default=["kron", "lra", "adam", "sgd"])
+  parser.add_argument("--learning-rate", type=float, default=None,
+                      help="one learning rate for every chosen method (for sweeps)")
   parser.add_argument("--plot", default="addition_rnn.png")
   args = parser.parse_args()
-  chosen = {name: method for name, method in methods().items()
-            if any(name.startswith(key) or f".{key}" in name for key in args.methods)}
+  overrides = None
+  if args.learning_rate is not None:
+    overrides = {key: args.learning_rate for key in LEARNING_RATES}
+  chosen = {name: (tx, layout) for key, (name, tx, layout) in methods(overrides).items()
+            if key in args.methods}
   task = addition(args.length, args.batch)
   chunk = max(args.steps // 100, 1)
   results = compare(task, chosen, args.seeds, args.steps, chunk)

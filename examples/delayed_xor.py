@@ -43,7 +43,7 @@ def main():
   parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
   parser.add_argument("--steps", type=int, default=12_000)
   parser.add_argument("--adam-lr", type=float, default=1e-3,
-                      help="the best of 1e-3, 3e-3, 1e-2 at length 32 (benchmarks/README.md)")
+                      help="the best of 1e-3, 3e-3, 1e-2 at length 32 (BENCHMARKS.md)")
   parser.add_argument("--methods", nargs="+", choices=["lra", "kron", "adam"],
                       default=["lra", "adam"])
   parser.add_argument("--plot", default="delayed_xor.png")

@@ -44,7 +44,7 @@ _ARGS_DOC = """
       (``optax.clip_by_block_rms``; ``None`` disables). ``Q`` follows a change of
       gradient scale only at the fit's normalized pace, so after a long stretch of tiny
       gradients one large gradient gives a huge ``P g``; without this clip a 2000-step
-      CNN run on digits diverged (``benchmarks/README.md``).
+      CNN run on digits diverged (``BENCHMARKS.md``).
     **preconditioner_options: the options of {name} (``curvature``,
       ``update_probability``, ``precond_lr``, ``geometry``, ...).
 

@@ -1,0 +1,73 @@
+"""Pieces shared by the examples: the PSGD recipe, the loop over seeds, the curve plot."""
+
+from __future__ import annotations
+
+import numpy as np
+import optax
+
+
+def psgd_recipe(preconditioner, learning_rate, weight_decay=0.0):
+  """The chain of :func:`psgd_optax.optimizers.kron` around any preconditioner: EMA momentum
+  0.9 of ``P·g``, each leaf's update clipped to RMS 1.1, decoupled weight decay, step size."""
+  return optax.chain(preconditioner, optax.ema(0.9, debias=True),
+                     optax.clip_by_block_rms(1.1), optax.add_decayed_weights(weight_decay),
+                     optax.scale_by_learning_rate(learning_rate))
+
+
+def compare_over_seeds(optimizers, seeds, load_data, train, names=None):
+  """name → list over seeds of ``train(name, tx, load_data(seed), seed)``, for the optimizers
+  whose short name (the part after ``psgd.``) is in ``names`` (all by default)."""
+  chosen = {name: tx for name, tx in optimizers.items()
+            if names is None or name.split(".")[-1] in names}
+  results = {}
+  for seed in seeds:
+    data = load_data(seed)
+    for name, tx in chosen.items():
+      results.setdefault(name, []).append(train(name, tx, data, seed))
+  return results
+
+
+def save_curves(curves, path, *, xlabel, ylabel, title, window=1, steps=None):
+  """Plot name → curve on a log scale (a ``window``-step running mean) and save a PNG.
+
+  ``steps`` (name → x values) places curves recorded every few steps."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  for name, curve in curves.items():
+    smooth = np.convolve(curve, np.ones(window) / window, mode="valid")
+    x = np.arange(len(smooth)) if steps is None else steps[name][window - 1:]
+    ax.semilogy(x, smooth, label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  ax.set_title(title)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  print(f"saved {path}")
+
+
+def comparison_parser(description, *, steps, plot, optimizers):
+  """The command line of the CNN examples: steps, batch, seeds, a subset of optimizers, one
+  learning rate for all of them (for sweeps) and the plot's path."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=description)
+  parser.add_argument("--steps", type=int, default=steps)
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+  parser.add_argument("--optimizers", nargs="+", default=None, choices=optimizers)
+  parser.add_argument("--learning-rate", type=float, default=None,
+                      help="peak learning rate for every chosen optimizer (for sweeps)")
+  parser.add_argument("--plot", default=plot)
+  return parser
+
+
+def learning_rate_overrides(args, names):
+  """name → ``--learning-rate`` for every optimizer name, or ``None`` without the flag."""
+  if args.learning_rate is None:
+    return None
+  return {name: args.learning_rate for name in names}
