@@ -225,12 +225,12 @@ def report(task: Task, results, seeds, max_steps, chunk, plot_path=None):
   """Print the results table of :func:`compare` and save the loss curves as a PNG."""
   print(f"\n{task.name}: solved = smoothed loss < {task.success_loss:g} within {max_steps}"
         f" steps; seeds {list(seeds)} ({jax.devices()[0].platform})")
-  print(f"{'method':<28}{'solved':>8}{'median steps':>14}{'final loss':>12}{'seconds':>9}"
+  print(f"{'method':<34}{'solved':>8}{'median steps':>14}{'final loss':>12}{'seconds':>9}"
         "  steps of each seed")
   for name, (solved_at, curve, seconds) in results.items():
     wins = [steps for steps in solved_at if steps is not None]
     median = f"{np.median(wins):.0f}" if wins else "-"
-    print(f"{name:<28}{len(wins):>5}/{len(solved_at):<2}{median:>14}"
+    print(f"{name:<34}{len(wins):>5}/{len(solved_at):<2}{median:>14}"
           f"{np.median(curve[-1]):>12.3g}{seconds:>9.1f}  "
           f"{' '.join(str(steps or '-') for steps in solved_at)}")
   if plot_path:
