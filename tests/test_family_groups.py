@@ -407,3 +407,12 @@ def test_affine_pairs_gives_scan_the_joined_layout_of_dense_and_conv_layers():
     jax.tree.map(functools.partial(np.testing.assert_allclose, rtol=1e-6, atol=1e-7),
                  updates, split(plain_updates))
     params = optax.apply_updates(params, updates)
+
+
+def test_lra_init_from_unit_equals_init_at_that_scale():
+  """The engine rescales the stored init(1.0) instead of redrawing LRA's random U, V (which
+  cost 37 ms per fit at n = 40970, rank 10); the result must be init(scale) exactly."""
+  group = psgd.lra_group((7, 3), rank=4)
+  for scale in (0.25, 1.0, 3.0):
+    rescaled = group.init_from_unit(group.init(1.0, jnp.float32), jnp.float32(scale))
+    jax.tree.map(np.testing.assert_array_equal, rescaled, group.init(scale, jnp.float32))

@@ -371,7 +371,11 @@ def preconditioner(
         scale_ok = jnp.isfinite(scale) & (scale > 0)
         usable = finite & jnp.any(h != 0) & (was_set | scale_ok)
         safe_scale = jnp.where(scale_ok, scale, 1.0)
-        q_start = optax.tree.where(was_set, q, group.init(safe_scale, dtype))
+        # An unset leaf's stored state is init(1.0), by init_fn; see Group.init_from_unit.
+        init_from_unit = getattr(group, "init_from_unit", None)
+        initial = (group.init(safe_scale, dtype) if init_from_unit is None
+                   else init_from_unit(q, safe_scale))
+        q_start = optax.tree.where(was_set, q, initial)
         q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
         moved_ok = usable & all_finite(q_moved)
         return (optax.tree.where(moved_ok, q_moved, optax.tree.where(usable, q_start, q)),

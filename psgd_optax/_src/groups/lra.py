@@ -81,6 +81,10 @@ class LRAGroup:
         fit_u=jnp.ones([], dtype),
     )
 
+  def init_from_unit(self, unit: LRAState, scale) -> LRAState:
+    """``init(scale)`` from ``init(1.0)``: only ``d`` depends on the scale."""
+    return unit._replace(d=unit.d * jnp.asarray(scale, unit.d.dtype))
+
   def _apply_a(self, q, x):
     return x + q.u @ (q.v.T @ x) if self.effective_rank else x
 
