@@ -41,9 +41,10 @@ def _train(tx, params, state, start, stop):
   return params, state
 
 
-# Two kinds in the default run (Newton kron; fop + snr with a scalar leaf), all with -m slow.
+# Newton kron in the default run (the must-show), all four kinds with -m slow.
 @pytest.mark.parametrize("name", [
-    "kron_newton", "fop_snr",
+    "kron_newton",
+    pytest.param("fop_snr", marks=pytest.mark.slow),
     pytest.param("ready_kron_secant", marks=pytest.mark.slow),
     pytest.param("lra_flat", marks=pytest.mark.slow)])
 def test_resumed_run_is_bitwise_equal_to_an_uninterrupted_run(name, tmp_path):

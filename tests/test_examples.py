@@ -29,12 +29,12 @@ def test_rosenbrock_example_newton_psgd_reaches_1e_10_and_first_order_does_not()
   assert all(rosenbrock.iterations_to(results[name]) is None for name in swept)
 
 
-def test_digits_example_kron_and_scan_cnns_reach_95_percent_in_300_steps():
-  # SCAN exercises affine_pairs on conv and dense kernel/bias pairs.
-  results = digits.compare(300, 128, [0], ["kron", "scan"], progress=False)
-  accuracies = {name: runs[0][1] for name, runs in results.items()}
-  assert set(accuracies) == {"psgd.kron", "psgd.scan"}
-  assert min(accuracies.values()) > 0.95, accuracies
+def test_digits_example_scan_cnn_reaches_95_percent_in_300_steps():
+  # SCAN exercises affine_pairs on conv and dense kernel/bias pairs; Kron, five times slower
+  # per step here, is checked on digits by test_flax_digits.py.
+  results = digits.compare(300, 128, [0], ["scan"], progress=False)
+  accuracy = results["psgd.scan"][0][1]
+  assert accuracy > 0.95, accuracy
 
 
 def _train_seed_0(task, methods, max_steps, chunk):
@@ -67,13 +67,15 @@ def test_logistic_regression_example_psgd_lra_ends_below_sgd_at_its_best_learnin
   assert max(errors.values()) < 0.05, errors
 
 
-def test_autoencoder_example_kron_reconstructs_digits():
-  results = autoencoder.compare(300, 128, [0], ["kron"], progress=False)
-  losses, test_error, _ = results["psgd.kron"][0]
+def test_autoencoder_example_scan_reconstructs_digits():
+  # SCAN (conv and transposed-conv pairs through affine_pairs) compiles and runs in a third
+  # of Kron's time; measured test MSE 0.0041 against 0.116 over the first 10 steps.
+  results = autoencoder.compare(300, 128, [0], ["scan"], progress=False)
+  losses, test_error, _ = results["psgd.scan"][0]
   assert test_error < 0.2 * float(np.mean(losses[:10])), (test_error, losses[:10])
 
 
-def test_flax_nnx_training_example_both_types_reach_95_percent():
-  for newton in (False, True):
-    _, accuracy = flax_nnx_training.train(newton, 300, progress=False)
-    assert accuracy > 0.95, (newton, accuracy)
+def test_flax_nnx_training_example_newton_type_reaches_95_percent():
+  # The whitening type through nnx.Optimizer is checked by test_flax_digits.py.
+  _, accuracy = flax_nnx_training.train(True, 300, progress=False)
+  assert accuracy > 0.95, accuracy
