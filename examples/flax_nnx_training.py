@@ -87,9 +87,11 @@ def train(newton, steps, batch=256, seed=0, progress=True):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--steps", type=int, default=400)
+  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--plot", default="flax_nnx_training.png")
   args = parser.parse_args()
-  results = {name: train(name == "newton", args.steps) for name in ("whitening", "newton")}
+  results = {name: train(name == "newton", args.steps, seed=args.seed)
+             for name in ("whitening", "newton")}
   print(f"\nMLP on load_digits, psgd.optimizers.kron, {args.steps} steps "
         f"({jax.devices()[0].platform})")
   print(f"{'type':<12}{'test accuracy':>15}{'final loss':>12}")
