@@ -151,12 +151,14 @@ def test_damping_keeps_largest_eigenvalue_of_p_below_inverse_lambda(damping_type
 
 
 def test_nonconvex_damping_uses_an_independent_probe():
-  vectors = [jnp.ones((4,))]
-  products = [jnp.zeros((4,))]
-  damped = curvature_lib.Damping(0.5, "nonconvex")(jax.random.key(0), vectors, products)
-  traditional = curvature_lib.Damping(0.5, "traditional")(jax.random.key(0), vectors, products)
-  np.testing.assert_allclose(traditional[0], 0.5 * jnp.ones(4))
-  assert not np.allclose(damped[0], traditional[0])
+  # The engine draws v′ per bucket stack and passes it to Damping.leaf.
+  vector, product = jnp.ones((4,)), jnp.zeros((4,))
+  independent = jax.random.normal(jax.random.key(0), (4,))
+  damped = curvature_lib.Damping(0.5, "nonconvex").leaf(vector, product, independent)
+  traditional = curvature_lib.Damping(0.5, "traditional").leaf(vector, product)
+  np.testing.assert_allclose(traditional, 0.5 * jnp.ones(4))
+  np.testing.assert_allclose(damped, 0.5 * independent)
+  assert not np.allclose(damped, traditional)
 
 
 def test_invalid_damping_type_raises():

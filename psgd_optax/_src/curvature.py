@@ -120,14 +120,6 @@ class Damping:
       return h + self.strength * v
     return h + self.strength * _rms(h) * v
 
-  def __call__(self, key, vectors, products):
-    """Every leaf's damped product (the list form of :meth:`leaf`)."""
-    independent = [None] * len(vectors)
-    if self.kind == "nonconvex":
-      independent = _probe_leaves(jax.random.fold_in(key, 1 << 20), vectors,
-                                  vectors[0].dtype if vectors else jnp.float32)
-    return [self.leaf(v, h, w) for v, h, w in zip(vectors, products, independent)]
-
 
 class _Stateless:
   """Sources that remember nothing between steps."""
