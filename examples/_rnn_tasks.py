@@ -14,6 +14,7 @@ vanilla tanh RNN on it, and the loss below which a run counts as solved.
 
 from __future__ import annotations
 
+import time
 from typing import Callable, NamedTuple
 
 import jax
@@ -21,6 +22,9 @@ import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
 import optax
+from tqdm import tqdm
+
+from _common import save_curves
 
 HIDDEN = 30
 
@@ -201,10 +205,6 @@ def compare(task: Task, methods, seeds, max_steps, chunk, show_progress=True):
 
   Returns name → (steps to success of each seed, smoothed-loss curve (reports, seeds),
   seconds)."""
-  import time
-
-  from tqdm import tqdm
-
   results = {}
   for name, (tx, layout) in methods.items():
     bar = tqdm(total=max_steps, desc=name, leave=False, disable=not show_progress)
@@ -234,7 +234,6 @@ def report(task: Task, results, seeds, max_steps, chunk, plot_path=None):
           f"{np.median(curve[-1]):>12.3g}{seconds:>9.1f}  "
           f"{' '.join(str(steps or '-') for steps in solved_at)}")
   if plot_path:
-    from _common import save_curves
     save_curves({name: np.median(curve, axis=1) for name, (_, curve, _) in results.items()},
                 plot_path, xlabel="step", ylabel="smoothed training loss (median over seeds)",
                 title=f"{task.name} (success below {task.success_loss:g})",
