@@ -20,6 +20,8 @@ method, the successes over the seeds, the median steps to success, the seconds t
 and each seed's steps.
 
 Run:  python benchmarks/delayed_xor.py --lengths 32 64 --seeds 10 --max-steps 100000
+(add ``--checkpoint-dir DIR`` to make the runs resumable: rerunning the same command continues
+each run from its last 5000-step chunk, with the same result as an uninterrupted run)
 (the default budget, 20000 steps, is smaller so the script finishes sooner; results with the
 budget used are recorded in BENCHMARKS.md).
 """
@@ -54,8 +56,16 @@ def _worker_init():
                              + " --xla_cpu_multi_thread_eigen=false")
 
 
+def _checkpoint_path(directory, name, length, seeds):
+  """Where a method's run at this length keeps its state between chunks (None: nowhere)."""
+  if directory is None:
+    return None
+  slug = "".join(char if char.isalnum() or char in ".=" else "_" for char in name)
+  return os.path.join(directory, f"{slug}_length{length}_seeds{len(seeds)}.npz")
+
+
 def _job(args):
-  name, adam_lr, length, seeds, max_steps, log = args
+  name, adam_lr, length, seeds, max_steps, log, checkpoint_dir = args
   tx, value_fn_layout = methods(adam_lr)[name]
   progress = None
   if log:
@@ -64,8 +74,9 @@ def _job(args):
         f"{sum(count is not None for count in steps)}/{len(seeds)}: "
         f"{' '.join(str(count or '-') for count in steps)}", flush=True)
   began = time.perf_counter()
-  steps, _ = _rnn_tasks.train_seeds(tx, value_fn_layout, _rnn_tasks.delayed_xor(length), seeds,
-                                    max_steps, progress=progress)
+  steps, _ = _rnn_tasks.train_seeds(
+      tx, value_fn_layout, _rnn_tasks.delayed_xor(length), seeds, max_steps, progress=progress,
+      checkpoint=_checkpoint_path(checkpoint_dir, name, length, seeds))
   return steps, time.perf_counter() - began
 
 
@@ -88,7 +99,13 @@ def main():
                       help="print each method's progress every 5000 steps")
   parser.add_argument("--only", nargs="+", choices=["lra", "kron", "adam"],
                       default=["lra", "kron", "adam"], help="methods to run")
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="keep each run's state here after every 5000 steps and resume from it"
+                      " (a row of 1e5 steps takes core-hours); the seconds column then counts"
+                      " only this process")
   args = parser.parse_args()
+  if args.checkpoint_dir is not None:
+    os.makedirs(args.checkpoint_dir, exist_ok=True)
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
         f" {args.workers} worker processes), budget {args.max_steps} steps, {args.seeds} seeds;"
         f" adam's lr is swept at length {args.lengths[0]} and its best lr reused after")
@@ -99,12 +116,13 @@ def main():
   adam_lrs = args.adam_lrs
   with context.Pool(args.workers, initializer=_worker_init) as pool:
     for length in args.lengths:
-      jobs = [(name, adam_lrs[0], length, seeds, args.max_steps, args.log_seeds)
+      jobs = [(name, adam_lrs[0], length, seeds, args.max_steps, args.log_seeds,
+               args.checkpoint_dir)
               for name in methods(adam_lrs[0])
               if not name.startswith("adam") and any(key in name for key in args.only)]
       if "adam" in args.only:
-        jobs += [(f"adam lr={lr:g}", lr, length, seeds, args.max_steps, args.log_seeds)
-                 for lr in adam_lrs]
+        jobs += [(f"adam lr={lr:g}", lr, length, seeds, args.max_steps, args.log_seeds,
+                  args.checkpoint_dir) for lr in adam_lrs]
       adam_ranks = {}
       for index, (steps, seconds) in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
         name, adam_lr = jobs[index][:2]

@@ -14,6 +14,8 @@ vanilla tanh RNN on it, and the loss below which a run counts as solved.
 
 from __future__ import annotations
 
+import functools
+import os
 import time
 from typing import Callable, NamedTuple
 
@@ -117,35 +119,42 @@ def _state_axes(state):
   return jax.tree_util.tree_map_with_path(axis, state)
 
 
-def train_seeds(tx, value_fn_layout, task: Task, seeds, max_steps, chunk=5000, progress=None,
-                smoothing_rate=0.01):
-  """Train one RNN per seed, all seeds together; return each seed's steps to success.
+def _save_carry(path, carry, curve):
+  """Write the trainer's carry (and the curve so far) to ``path`` atomically, as .npz."""
+  leaves = [jax.random.key_data(leaf) if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+            else leaf for leaf in jax.tree.leaves(carry)]
+  arrays = {f"leaf_{index}": np.asarray(leaf) for index, leaf in enumerate(leaves)}
+  arrays["curve"] = np.stack(curve)
+  partial = path + ".partial.npz"
+  np.savez(partial, **arrays)
+  os.replace(partial, path)
 
-  The seeds are ``vmap``ped inside one jitted ``lax.while_loop`` that stops when every seed
-  has succeeded or the budget is spent. It runs in chunks of ``chunk`` steps so that
-  ``progress(step, solved_at, smoothed_losses)`` can report between them. Each seed's run is
-  the run it would have alone (its own initialization and data; the optimizer's seed, hence
-  its probes and update coin, is the same for all, as it would be in separate runs).
 
-  Args:
-    tx: the optimizer.
-    value_fn_layout: ``None`` (first order), ``"tree"`` (pass ``value_fn`` of the params) or
-      ``"flat"`` (under ``optax.flatten`` the inner transformation sees the flat vector).
-    task: the :class:`Task`.
-    seeds: integer seeds.
-    max_steps: the step budget.
-    chunk: steps between progress reports.
-    progress: optional callback, see above.
-    smoothing_rate: the loss is smoothed as ``s ← (1 − rate)·s + rate·loss``.
+def _load_carry(path, carry):
+  """The carry saved at ``path``, checked leaf by leaf against the shapes of a fresh one."""
+  with np.load(path) as saved:
+    leaves, treedef = jax.tree.flatten(carry)
+    if len(saved.files) != len(leaves) + 1:
+      raise ValueError(f"{path} holds {len(saved.files) - 1} arrays; this run's trainer state"
+                       f" has {len(leaves)}: it was written by a different method or setup")
+    restored = []
+    for index, leaf in enumerate(leaves):
+      array = saved[f"leaf_{index}"]
+      is_key = jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+      if array.shape[:len(leaf.shape)] != leaf.shape or not (is_key or array.dtype == leaf.dtype):
+        raise ValueError(f"{path}: array {index} is {array.dtype}{array.shape}, this run needs"
+                         f" {leaf.dtype}{leaf.shape}: it was written by a different setup")
+      # Keys were saved as their raw data; key() made them with the default implementation.
+      restored.append(jax.random.wrap_key_data(array) if is_key else jnp.asarray(array))
+    return jax.tree.unflatten(treedef, restored), list(saved["curve"])
 
-  Returns:
-    ``(solved_at, curve)``: each seed's steps to success (``None`` for a failure), and the
-    smoothed losses at each report as an array (reports, seeds).
-  """
-  seeds = jnp.asarray(seeds)
-  params = jax.vmap(lambda seed: init_params(jax.random.fold_in(jax.random.key(0), seed)))(
-      seeds)
-  axes = _state_axes(jax.eval_shape(tx.init, jax.tree.map(lambda leaf: leaf[0], params)))
+
+@functools.lru_cache(maxsize=16)
+def _trainer(tx, value_fn_layout, task: Task, smoothing_rate):
+  """The jitted ``(init_states, run_chunk)`` of :func:`train_seeds`, cached so that repeated
+  runs of one method (a resumed run, a sweep over seed sets) compile once."""
+  sample_params = init_params(jax.random.key(0))
+  axes = _state_axes(jax.eval_shape(tx.init, sample_params))
 
   def one_seed(params, state, key):
     inputs, targets = task.make_batch(key)
@@ -178,19 +187,66 @@ def train_seeds(tx, value_fn_layout, task: Task, seeds, max_steps, chunk=5000, p
     not_done = lambda carry: (carry[0] < limit) & jnp.any(carry[-1] < 0)
     return jax.lax.while_loop(not_done, one_step, carry)
 
-  carry = (jnp.asarray(0),
-           jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(1), seed))(seeds),
-           params, jax.jit(jax.vmap(tx.init, out_axes=axes))(params),
-           jnp.full(seeds.shape, task.start_loss), jnp.full(seeds.shape, -1))
-  curve = []
+  return jax.jit(jax.vmap(tx.init, out_axes=axes)), run_chunk
+
+
+def train_seeds(tx, value_fn_layout, task: Task, seeds, max_steps, chunk=5000, progress=None,
+                smoothing_rate=0.01, checkpoint=None):
+  """Train one RNN per seed, all seeds together; return each seed's steps to success.
+
+  The seeds are ``vmap``ped inside one jitted ``lax.while_loop`` that stops when every seed
+  has succeeded or the budget is spent. It runs in chunks of ``chunk`` steps so that
+  ``progress(step, solved_at, smoothed_losses)`` can report between them. Each seed's run is
+  the run it would have alone (its own initialization and data; the optimizer's seed, hence
+  its probes and update coin, is the same for all, as it would be in separate runs).
+
+  Args:
+    tx: the optimizer.
+    value_fn_layout: ``None`` (first order), ``"tree"`` (pass ``value_fn`` of the params) or
+      ``"flat"`` (under ``optax.flatten`` the inner transformation sees the flat vector).
+    task: the :class:`Task`.
+    seeds: integer seeds.
+    max_steps: the step budget.
+    chunk: steps between progress reports.
+    progress: optional callback, see above.
+    smoothing_rate: the loss is smoothed as ``s ← (1 − rate)·s + rate·loss``.
+    checkpoint: optional ``.npz`` path. The whole state (step, data keys, parameters,
+      optimizer states, smoothed losses, steps to success, curve) is written there after every
+      chunk, and a run that finds the file resumes from it. The chunks are the same jitted
+      program either way, so a resumed run is the run it would have been uninterrupted. The
+      caller keys the path by method, task, seeds and chunk.
+
+  Returns:
+    ``(solved_at, curve)``: each seed's steps to success (``None`` for a failure), and the
+    smoothed losses at each report as an array (reports, seeds).
+  """
+  seeds = jnp.asarray(seeds)
+  params = jax.vmap(lambda seed: init_params(jax.random.fold_in(jax.random.key(0), seed)))(
+      seeds)
+  init_states, run_chunk = _trainer(tx, value_fn_layout, task, smoothing_rate)
+  def fresh_carry():
+    return (jnp.asarray(0),
+            jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(1), seed))(seeds),
+            params, init_states(params),
+            jnp.full(seeds.shape, task.start_loss), jnp.full(seeds.shape, -1))
+
+  if checkpoint is not None and os.path.exists(checkpoint):
+    carry, curve = _load_carry(checkpoint, jax.eval_shape(fresh_carry))
+  else:
+    carry, curve = fresh_carry(), []
+  solved_at = [int(steps) if steps >= 0 else None for steps in np.asarray(carry[-1])]
   for limit in range(chunk, max_steps + chunk, chunk):
+    if limit <= int(carry[0]):  # done before a resume
+      continue
+    if all(steps is not None for steps in solved_at):
+      break
     carry = run_chunk(carry, min(limit, max_steps))
     solved_at = [int(steps) if steps >= 0 else None for steps in np.asarray(carry[-1])]
     curve.append(np.asarray(carry[-2]))
+    if checkpoint is not None:
+      _save_carry(checkpoint, carry, curve)
     if progress is not None:
       progress(int(carry[0]), solved_at, curve[-1])
-    if all(steps is not None for steps in solved_at):
-      break
   return solved_at, np.stack(curve)
 
 
