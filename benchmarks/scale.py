@@ -5,10 +5,12 @@
     python benchmarks/scale.py --versus psgdax    # needs `pip install psgdax`
 
 A residual MLP of ``N`` identical blocks (each a ``(width, width)`` kernel and a bias), written
-as a Python loop so that every block is its own leaf. For each ``N`` and for
-``bucketing=True/False`` it times ``jax.jit(step).lower(...).compile()`` of one training step
-(gradient, ``psgd.kron`` preconditioner update with a fit, optax apply) and prints the compile
-time relative to the smallest ``N`` with bucketing, all in this one process.
+as a Python loop so that every block is its own leaf. For each ``N`` and each of
+``bucketing=True`` with ``state_layout="per_bucket"`` and ``"per_leaf"``, and
+``bucketing=False``, it times ``jax.jit(step).lower(...).compile()`` of one training step
+(gradient, ``psgd.kron`` preconditioner update with a fit, optax apply), keeps the fastest of
+``--rounds`` interleaved compiles, and prints each configuration's time relative to its own
+time at the smallest ``N``, all in this one process.
 
 ``--versus psgdax`` instead times one jitted training step (gradient + optimizer) of
 ``psgd.optimizers.kron`` and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs
@@ -48,10 +50,15 @@ def loss_fn(params, x):
   return jnp.mean(x ** 2)
 
 
-def compile_seconds(blocks, width, family, bucketing):
+# (bucketing, state_layout) configurations, in the order printed.
+CONFIGURATIONS = ((True, "per_bucket"), (True, "per_leaf"), (False, "per_leaf"))
+
+
+def compile_seconds(blocks, width, family, bucketing, state_layout="per_leaf"):
   params = make_params(blocks, width)
   factory = {"kron": psgd.kron, "diag": psgd.diag}[family]
-  tx = optax.chain(factory(update_probability=1.0, bucketing=bucketing), optax.scale(-1e-3))
+  tx = optax.chain(factory(update_probability=1.0, bucketing=bucketing,
+                           state_layout=state_layout), optax.scale(-1e-3))
   state = tx.init(params)
   x = jnp.ones((8, width))
 
@@ -132,21 +139,29 @@ def main():
                       help="time and measure memory against another JAX PSGD instead")
   parser.add_argument("--steps", type=int, default=30, help="timed steps per round (--versus)")
   parser.add_argument("--probabilities", type=float, nargs="+", default=[1.0, 0.1])
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="compile each configuration this many times (interleaved) and keep"
+                      " the fastest; compile times move by ±20%% from run to run")
   args = parser.parse_args()
   if args.versus:
     versus_psgdax(args.steps, args.probabilities)
     return
   print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
         f"psgd.{args.family}, compile time of one training step")
-  print(f"{'blocks':>6} {'bucketing':>10} {'compile s':>10} {'vs first':>9}")
+  print(f"{'blocks':>6} {'bucketing':>10} {'state_layout':>13} {'compile s':>10}"
+        f" {'vs ' + str(args.blocks[0]) + ' blocks':>12}")
   compile_seconds(2, args.width, args.family, True)  # warm up JAX itself
-  baseline = None
+  seconds = {}
+  for _ in range(args.rounds):  # interleaved, so every configuration sees the same load
+    for blocks in args.blocks:
+      for config in CONFIGURATIONS:
+        took = compile_seconds(blocks, args.width, args.family, *config)
+        seconds[blocks, config] = min(took, seconds.get((blocks, config), np.inf))
   for blocks in args.blocks:
-    for bucketing in (True, False):
-      seconds = compile_seconds(blocks, args.width, args.family, bucketing)
-      baseline = baseline or seconds
-      print(f"{blocks:>6} {str(bucketing):>10} {seconds:>10.2f} {seconds / baseline:>8.2f}×",
-            flush=True)
+    for config in CONFIGURATIONS:
+      ratio = seconds[blocks, config] / seconds[args.blocks[0], config]
+      print(f"{blocks:>6} {str(config[0]):>10} {config[1]:>13} {seconds[blocks, config]:>10.2f}"
+            f" {ratio:>11.2f}×", flush=True)
 
 
 if __name__ == "__main__":

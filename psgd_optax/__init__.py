@@ -7,7 +7,7 @@
 from psgd_optax import optimizers
 from psgd_optax._src.affine_pairs import AffinePairsState, affine_pairs
 from psgd_optax._src.curvature import CURVATURES, DAMPING_TYPES, SecantMemory
-from psgd_optax._src.engine import PSGDState, preconditioner
+from psgd_optax._src.engine import PSGDState, preconditioner, preconditioner_per_leaf
 from psgd_optax._src.fop import (HypergradientState, fop, per_parameter_hypergradient,
                                  scalar_hypergradient)
 from psgd_optax._src.groups.affine import affine_group, scan, scaw
@@ -62,6 +62,7 @@ __all__ = [
     "per_parameter_hypergradient",
     "periodic_schedule",
     "preconditioner",
+    "preconditioner_per_leaf",
     "scalar_hypergradient",
     "scan",
     "scaw",

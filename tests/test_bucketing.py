@@ -69,3 +69,129 @@ def test_fit_is_traced_once_per_bucket(bucketing, expected):
   TRACES.clear()
   jax.jit(tx.update).lower(_grads(0), state, PARAMS)
   assert len(TRACES) == expected
+
+
+def test_fit_is_traced_once_per_bucket_with_the_per_bucket_layout():
+  tx = psgd.preconditioner(lambda shape, leaves=None: CountingGroup(psgd.kron_group(shape)),
+                           update_probability=1.0, state_layout="per_bucket")
+  state = tx.init(PARAMS)
+  TRACES.clear()
+  jax.jit(tx.update).lower(_grads(0), state, PARAMS)
+  assert len(TRACES) == 3
+
+
+# Two stacked (layer-axis) leaves that share a bucket beside the unstacked ones.
+STACKED_PARAMS = dict(PARAMS, layers_a=jnp.zeros((2, 6, 5)), layers_b=jnp.zeros((2, 6, 5)))
+IS_STACKED = lambda path, leaf: "layers" in jax.tree_util.keystr(path)
+
+
+def _stacked_grads(step):
+  key = jax.random.fold_in(jax.random.key(1), step)
+  leaves, treedef = jax.tree.flatten(STACKED_PARAMS)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([jax.random.normal(k, leaf.shape) * (i + 1)
+                            for i, (k, leaf) in enumerate(zip(keys, leaves))])
+
+
+def _quadratic(params):
+  return sum(0.5 * jnp.sum((i + 1.0) * leaf ** 2)
+             for i, leaf in enumerate(jax.tree.leaves(params)))
+
+
+@pytest.mark.parametrize("curvature", ["whitening", "newton"])
+def test_per_bucket_layout_gives_the_per_leaf_layouts_updates_and_states(curvature):
+  """Same math, other storage: updates and every leaf's state are bitwise equal."""
+  options = dict(curvature=curvature, update_probability=0.5, stacked=IS_STACKED)
+  by_bucket = psgd.kron(state_layout="per_bucket", **options)
+  by_leaf = psgd.kron(**options)
+  s1, s2 = by_bucket.init(STACKED_PARAMS), by_leaf.init(STACKED_PARAMS)
+  extra = {"value_fn": _quadratic} if curvature == "newton" else {}
+  params = STACKED_PARAMS
+  for t in range(6):
+    grads = _stacked_grads(t)
+    u1, s1 = by_bucket.update(grads, s1, params, **extra)
+    u2, s2 = by_leaf.update(grads, s2, params, **extra)
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
+    params = jax.tree.map(lambda p, u: p - 0.1 * u, params, u1)
+  per_leaf = psgd.preconditioner_per_leaf(s1, STACKED_PARAMS)
+  assert jax.tree.structure(per_leaf) == jax.tree.structure(s2.preconditioner)
+  jax.tree.map(np.testing.assert_array_equal, per_leaf, s2.preconditioner)
+  # A per-leaf state passes through unchanged.
+  assert psgd.preconditioner_per_leaf(s2, STACKED_PARAMS) is s2.preconditioner
+
+
+def test_per_bucket_state_is_keyed_by_leaf_indices_and_stacked():
+  state = psgd.kron(state_layout="per_bucket", stacked=IS_STACKED).init(STACKED_PARAMS)
+  # Flatten order: block0/bias, block0/kernel, ..., block2/kernel, head, layers_a, layers_b.
+  assert sorted(state.preconditioner) == ["leaves_0_2_4", "leaves_1_3_5", "leaves_6",
+                                          "leaves_7_8"]
+  assert sorted(state.scale_set) == sorted(state.preconditioner)
+  assert [f.shape for f in state.preconditioner["leaves_1_3_5"].factors] == [(3, 6, 6),
+                                                                            (3, 5, 5)]
+  assert [f.shape for f in state.preconditioner["leaves_6"].factors] == [(5, 5), (3, 3)]
+  # Bucket axis, then layer axis.
+  assert [f.shape for f in state.preconditioner["leaves_7_8"].factors] == [(2, 2, 6, 6),
+                                                                          (2, 2, 5, 5)]
+  assert state.scale_set["leaves_7_8"].shape == (2, 2)
+  abstract = jax.eval_shape(psgd.kron(state_layout="per_bucket", stacked=IS_STACKED).init,
+                            STACKED_PARAMS)
+  assert jax.tree.structure(abstract) == jax.tree.structure(state)
+
+
+def test_per_bucket_layout_rejects_what_it_cannot_hold():
+  with pytest.raises(ValueError, match="needs bucketing=True"):
+    psgd.kron(state_layout="per_bucket", bucketing=False)
+  with pytest.raises(ValueError, match="state_layout must be one of"):
+    psgd.kron(state_layout="bucketed")
+  per_leaf_state = psgd.kron().init(PARAMS)
+  with pytest.raises(ValueError, match="another state_layout"):
+    psgd.kron(state_layout="per_bucket").update(_grads(0), per_leaf_state, PARAMS)
+  other_params = dict(PARAMS, extra=jnp.zeros(3))
+  state = psgd.kron(state_layout="per_bucket").init(PARAMS)
+  with pytest.raises(ValueError, match="built for other params"):
+    psgd.kron(state_layout="per_bucket").update(
+        jax.tree.map(jnp.ones_like, other_params), state, other_params)
+
+
+def test_per_bucket_state_restores_from_an_orbax_checkpoint_bitwise(tmp_path):
+  ocp = pytest.importorskip("orbax.checkpoint")
+  tx = psgd.kron(state_layout="per_bucket", update_probability=1.0, stacked=IS_STACKED)
+  step = jax.jit(tx.update)
+
+  def run(state, start, stop):
+    for t in range(start, stop):
+      _, state = step(_stacked_grads(t), state, STACKED_PARAMS)
+    return state
+
+  full = run(tx.init(STACKED_PARAMS), 0, 6)
+  half = run(tx.init(STACKED_PARAMS), 0, 3)
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(tmp_path / "step3", half)
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, tx.init(STACKED_PARAMS))
+  with ocp.StandardCheckpointer() as checkpointer:
+    restored = checkpointer.restore(tmp_path / "step3", abstract)
+  jax.tree.map(np.testing.assert_array_equal, run(restored, 3, 6), full)
+
+
+def test_per_bucket_state_keeps_its_structure_under_nnx_optimizer():
+  """nnx.Optimizer hands a per-leaf state's group NamedTuples back as nnx States (a new
+  structure, so a jitted step compiles twice); a per-bucket state comes back as it went."""
+  nnx = pytest.importorskip("flax.nnx")
+  optax = pytest.importorskip("optax")
+  model = nnx.Sequential(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(4, 4, rngs=nnx.Rngs(1)))
+  optimizer = nnx.Optimizer(
+      model, optax.chain(psgd.kron(state_layout="per_bucket"), optax.scale(-0.1)),
+      wrt=nnx.Param)
+  before = jax.tree.structure(nnx.as_pure(optimizer.opt_state))
+  traces = []
+
+  @nnx.jit
+  def train_step(model, optimizer, x):
+    traces.append(1)
+    grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+    optimizer.update(model, grads)
+
+  for _ in range(3):
+    train_step(model, optimizer, jnp.ones((2, 4)))
+  assert jax.tree.structure(nnx.as_pure(optimizer.opt_state)) == before
+  assert len(traces) == 1

@@ -57,6 +57,9 @@ CHECK = textwrap.dedent("""
         "sharded_factors": lambda: optax.chain(
             psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0),
             optax.scale(-0.05)),
+        "sharded_per_bucket": lambda: optax.chain(
+            psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0,
+                      state_layout="per_bucket"), optax.scale(-0.05)),
         "lra_diag": lambda: optax.chain(psgd.lra(rank=2), optax.scale(-0.05)),
         "fop_snr": lambda: optax.chain(psgd.snr(), psgd.fop(0.05), optax.scale(-0.05)),
     }
@@ -148,7 +151,7 @@ def _assert_layouts_and_training(case, result):
   assert result["follows_params"], (case, result)
   assert result["moved"] > 1e-2, (case, result)  # the runs did train
   assert result["p_error"] < 1e-6, (case, result)  # rtol 1e-5, atol 1e-6
-  if case == "sharded_factors":
+  if case in ("sharded_factors", "sharded_per_bucket"):
     # The 32×32 factors and the (8, ...) stacks of per-layer factors are split over "x".
     assert result["factor_specs"] == ["('x',)"], (case, result)
   else:
@@ -157,7 +160,7 @@ def _assert_layouts_and_training(case, result):
 
 def test_state_layout_is_stable_and_training_matches_one_device():
   """One interpreter for every case (each would otherwise pay JAX's start-up)."""
-  results = _run_checks("kron_newton", "ready_secant", "sharded_factors")
+  results = _run_checks("kron_newton", "ready_secant", "sharded_factors", "sharded_per_bucket")
   for case, result in results.items():
     _assert_layouts_and_training(case, result)
   assert results["ready_secant"]["params_shaped"] >= 8, results  # momentum, secant memory

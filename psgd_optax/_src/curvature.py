@@ -28,8 +28,10 @@ r"""Where the curvature pair ``(v, h)`` that ``Q`` is fitted to comes from.
 A source has ``init(params, dtype)`` (its memory, ``()`` for most),
 ``remember(memory, grads, params, treedef, dtype)`` (called every step, fitting or not),
 ``check_args(params, extra_args)`` (clear errors before tracing) and
-``pair(key, grads, params, treedef, dtype, extra_args, memory)`` (called on fitting steps
-only, inside ``lax.cond``; it returns the undamped pair) and ``damping``.
+``pair(key, grads, params, treedef, dtype, extra_args, memory, buckets=None)`` (called on
+fitting steps only, inside ``lax.cond``; it returns the undamped pair; ``buckets``, the
+engine's lists of same-shaped leaves, says how to lay out the probes' one random draw) and
+``damping``.
 
 Damping (Li 2018 §III.C), added to every source's ``h`` (``damping_type``); the engine
 applies it per leaf inside the fit (``Damping.leaf``), so bucketed leaves share one traced
@@ -93,16 +95,25 @@ def _rms(x: jax.Array) -> jax.Array:
   return safe * jnp.sqrt(jnp.mean(jnp.square(x / safe)))
 
 
-def _probe_leaves(key, leaves, dtype):
+def _probe_leaves(key, leaves, dtype, buckets=None):
   """Gaussian probes shaped (and, on a mesh, sharded) like ``leaves``.
 
-  One draw for all leaves, cut into pieces: a random-number generator per leaf would grow
-  the traced program (and its compile time) with the number of leaves."""
-  sizes = [math.prod(leaf.shape) for leaf in leaves]
+  One draw for all leaves, cut into one block per bucket (``buckets``: lists of indices of
+  same-shaped leaves; default, every leaf alone) and each block into its leaves. A
+  random-number generator per leaf, or a cut per leaf out of the whole draw, would each be
+  a different kernel per leaf and grow the compile time with the number of leaves; the
+  engine stacks a bucket's probes back, which XLA folds into the block itself. With one
+  leaf per bucket in leaf order the probes are the same as with no buckets."""
+  buckets = buckets or [[i] for i in range(len(leaves))]
+  sizes = [len(indices) * math.prod(leaves[indices[0]].shape) for indices in buckets]
   draw = jax.random.normal(key, (sum(sizes),), dtype)
-  starts = np.cumsum([0] + sizes[:-1])
-  return [like(draw[start:start + size].reshape(leaf.shape), leaf)
-          for start, size, leaf in zip(starts.tolist(), sizes, leaves)]
+  probes = [None] * len(leaves)
+  for start, size, indices in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes, buckets):
+    shape = tuple(leaves[indices[0]].shape)
+    block = draw[start:start + size].reshape((len(indices), *shape))
+    for position, i in enumerate(indices):
+      probes[i] = like(block[position], leaves[i])
+  return probes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +154,10 @@ class Whitening(_Stateless):
   def check_args(self, params, extra_args) -> None:
     del params, extra_args
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
+           buckets=None) -> CurvaturePair:
     del params, treedef, extra_args, memory
-    probes = _probe_leaves(key, grads, dtype)
+    probes = _probe_leaves(key, grads, dtype, buckets)
     # With the independent damping v′ is independent of both g and v anyway.
     return CurvaturePair(probes, list(grads), integrate_probe=True)
 
@@ -183,7 +195,8 @@ class Newton(_Stateless):
     if hvp is None:
       _check_value_fn(self.name, params, value_fn)
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
+           buckets=None) -> CurvaturePair:
     del grads, memory
     hvp = extra_args.get("hvp")
     if hvp is not None:
@@ -191,7 +204,7 @@ class Newton(_Stateless):
       products = [jnp.asarray(h, dtype) for h in treedef.flatten_up_to(hvp)]
     else:
       param_leaves = treedef.flatten_up_to(params)
-      probes = _probe_leaves(key, param_leaves, dtype)
+      probes = _probe_leaves(key, param_leaves, dtype, buckets)
       tangents = [v.astype(p.dtype) for v, p in zip(probes, param_leaves)]
       try:
         _, hvp_tree = jax.jvp(jax.grad(extra_args["value_fn"]), (params,),
@@ -227,10 +240,11 @@ class FiniteDifference(_Stateless):
           "gradients on preconditioner-update steps.")
     _check_value_fn(self.name, params, value_fn)
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
+           buckets=None) -> CurvaturePair:
     del grads, memory
     param_leaves = treedef.flatten_up_to(params)
-    probes = _probe_leaves(key, param_leaves, dtype)
+    probes = _probe_leaves(key, param_leaves, dtype, buckets)
     # Central differences at δ = eps^{1/3}: error O(δ²) + O(eps/δ) ≈ eps^{2/3} for the same
     # two gradients a forward difference needs (whose best is ≈ eps^{1/2}: about 1e-3
     # relative in float32, too close to the tolerance users need).
@@ -273,7 +287,8 @@ class Secant:
         grads=treedef.unflatten([g.astype(dtype) for g in grads]),
         has_previous=jnp.asarray(True))
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory) -> CurvaturePair:
+  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
+           buckets=None) -> CurvaturePair:
     del extra_args
     param_leaves = treedef.flatten_up_to(params)
     vectors = [p.astype(dtype) - q for p, q in

@@ -71,6 +71,74 @@ def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Arr
   return jnp.where(peak > 0, scale, jnp.inf)
 
 
+STATE_LAYOUTS = ("per_leaf", "per_bucket")
+_BUCKET_PREFIX = "leaves"
+
+
+def bucket_dict(values, buckets) -> dict:
+  """Per-bucket state entries keyed by their leaf indices: ``{"leaves_0_2_4": ...}``."""
+  return {"_".join([_BUCKET_PREFIX, *map(str, indices)]): value
+          for value, indices in zip(values, buckets)}
+
+
+def bucket_indices(entries, count: int) -> list[list[int]]:
+  """The buckets (leaf indices) of a per-bucket state entry, in ``bucket_values`` order."""
+  buckets = []
+  for key in entries:
+    prefix, *numbers = str(key).split("_")
+    if prefix != _BUCKET_PREFIX or not numbers or not all(n.isdigit() for n in numbers):
+      raise ValueError(f"state_layout='per_bucket' state has an entry {key!r}; expected keys "
+                       "like 'leaves_0_2_4'. Was the state built with another state_layout?")
+    buckets.append([int(n) for n in numbers])
+  if sorted(i for indices in buckets for i in indices) != list(range(count)):
+    raise ValueError(f"The per-bucket state covers leaves {buckets}, but the updates have "
+                     f"{count} leaves: the state was built for other params.")
+  return sorted(buckets)  # by first leaf, the order buckets_of makes them in
+
+
+def bucket_values(entries) -> list:
+  """The entries in ``bucket_indices`` order (by first leaf, whatever the dict's order)."""
+  first_leaf = lambda key: int(str(key).split("_")[1])
+  return [entries[key] for key in sorted(entries, key=first_leaf)]
+
+
+def preconditioner_per_leaf(state: PSGDState, params) -> Any:
+  """``state.preconditioner`` as a params-shaped tree of per-leaf group states.
+
+  For a ``state_layout="per_bucket"`` state, each leaf's state is cut out of its bucket's
+  stack; a ``"per_leaf"`` state is returned as it is.
+
+  Args:
+    state: a :class:`PSGDState` (the preconditioner's own state, not a chain's).
+    params: the params (or gradients) the state was built for; only their structure is used.
+
+  Returns:
+    A tree with the structure of ``params`` whose entries are the leaves' group states.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> params = {"a": jnp.zeros((3, 4)), "b": jnp.zeros((3, 4)), "c": jnp.zeros(5)}
+    >>> state = psgd.kron(state_layout="per_bucket").init(params)
+    >>> sorted(state.preconditioner)   # leaves 0 and 1 share a bucket
+    ['leaves_0_1', 'leaves_2']
+    >>> per_leaf = psgd.preconditioner_per_leaf(state, params)
+    >>> [f.shape for f in per_leaf["b"].factors]
+    [(3, 3), (4, 4)]
+  """
+  leaves, treedef = jax.tree.flatten(params)
+  entries = state.preconditioner
+  if not isinstance(entries, dict) or not all(str(key).startswith(_BUCKET_PREFIX + "_")
+                                              for key in entries):
+    return entries
+  per_leaf = [None] * len(leaves)
+  for indices, value in zip(bucket_indices(entries, len(leaves)), bucket_values(entries)):
+    for position, i in enumerate(indices):
+      per_leaf[i] = (value if len(indices) == 1
+                     else jax.tree.map(lambda a, position=position: a[position], value))
+  return treedef.unflatten(per_leaf)
+
+
 def check_stacked_spec(stacked) -> None:
   if stacked is None or callable(stacked):
     return
@@ -146,8 +214,19 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
     bucketing: run leaves of the same shape and group structure as one stack through one
       ``vmap``ped fit, so a model of many identical blocks traces (and compiles) the fit
       once per distinct shape rather than once per leaf (preconditioning stays per leaf:
-      it is cheap to trace and faster unbatched). Results are the same as leaf by leaf;
-      the state layout does not change.
+      it is cheap to trace and faster unbatched). Results are the same as leaf by leaf.
+    state_layout: ``"per_leaf"`` (default): ``state.preconditioner`` and ``state.scale_set``
+      are params-shaped, one group state per leaf. ``"per_bucket"`` (needs
+      ``bucketing=True``): each bucket's states are stored stacked, in dicts keyed
+      ``"leaves_i_j_..."`` by the bucket's leaf indices in params flatten order
+      (:func:`psgd_optax.preconditioner_per_leaf` gives the per-leaf view), and a bucket
+      is preconditioned as one batched product. The step then neither stacks the states
+      before the fit nor cuts every leaf's state out after it (on XLA each cut is its own
+      kernel to compile), so deep models compile faster: 32 identical blocks in 1.3× the
+      time of 4, against 2.0× per leaf (``benchmarks/scale.py``). It also keeps its
+      structure under ``flax.nnx.Optimizer``, which hands a per-leaf state's group
+      NamedTuples back as its own containers, so a jitted nnx step compiles once instead
+      of twice. Same results as ``"per_leaf"`` (bit for bit on CPU in the tests).
 """
 
 
@@ -166,6 +245,7 @@ def preconditioner(
     stacked: Any = None,
     preconditioner_sharding: Any = None,
     bucketing: bool = True,
+    state_layout: str = "per_leaf",
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
 
@@ -206,6 +286,12 @@ def preconditioner(
   place = sharding_lib.state_layout(preconditioner_sharding)
   if not isinstance(bucketing, bool):
     raise ValueError(f"bucketing must be a bool, got {bucketing!r}.")
+  if state_layout not in STATE_LAYOUTS:
+    raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}.")
+  if state_layout == "per_bucket" and not bucketing:
+    raise ValueError("state_layout='per_bucket' stores each bucket's states stacked, so it "
+                     "needs bucketing=True.")
+  per_bucket = state_layout == "per_bucket"
   if update_probability is None:
     update_probability = update_probability_schedule()
   source = curvature_lib.make_curvature(curvature, damping, damping_type)
@@ -287,11 +373,23 @@ def preconditioner(
       return q, scale_set
 
     leaves, treedef = jax.tree.flatten(params)
-    built = [init_leaf(leaf, flag) for leaf, flag in zip(leaves, stacked_flags(params))]
+    flags = stacked_flags(params)
+    built = [init_leaf(leaf, flag) for leaf, flag in zip(leaves, flags)]
+    q_leaves, set_leaves = [q for q, _ in built], [scale_set for _, scale_set in built]
+    if per_bucket:
+      groups = [group_for_shape(tuple(leaf.shape)[1 if flag else 0:])
+                for leaf, flag in zip(leaves, flags)]
+      # The same grouping update_fn's per-leaf layout uses (gradients arrive in dtype).
+      grad_specs = [jax.ShapeDtypeStruct(leaf.shape, dtype) for leaf in leaves]
+      buckets = buckets_of(groups, flags, q_leaves, set_leaves, grad_specs)
+      preconditioner = bucket_dict([gather(q_leaves, indices) for indices in buckets], buckets)
+      scale_set = bucket_dict([gather(set_leaves, indices) for indices in buckets], buckets)
+    else:
+      preconditioner, scale_set = treedef.unflatten(q_leaves), treedef.unflatten(set_leaves)
     return PSGDState(
         count=jnp.zeros([], jnp.int32),
-        preconditioner=jax.tree.map(place, treedef.unflatten([q for q, _ in built])),
-        scale_set=treedef.unflatten([scale_set for _, scale_set in built]),
+        preconditioner=jax.tree.map(place, preconditioner),
+        scale_set=scale_set,
         curvature=source.init(params, dtype),
     )
 
@@ -317,17 +415,36 @@ def preconditioner(
     # inject_hyperparams traces are only used in init), and the state is rebuilt in the
     # group's own containers: frameworks such as flax.nnx hand states back re-containered.
     flags = stacked_flags(updates)
-    stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
-    # A stacked leaf's group is that of one layer, read from one layer's state.
-    one_layer = lambda q, is_stacked: ([jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in q]
+    # A stacked leaf's group is that of one layer, read from one layer's state; a bucket's
+    # stored stack is read as one member's state. (Structure is the same, arrays longer.)
+    unstacked = lambda q, is_stacked: ([jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in q]
                                        if is_stacked else q)
-    groups = [group_for_shape(tuple(leaf.shape)[1 if flag else 0:], one_layer(q, flag))
-              for leaf, q, flag in zip(leaves, stored, flags)]
-    # (A stacked leaf's state has one layer's structure, with longer arrays.)
-    q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype),
-                        [sharding_lib.replicated(a) for a in q])
-                for group, q in zip(groups, stored)]
-    set_leaves = treedef.flatten_up_to(state.scale_set)
+    if per_bucket:
+      buckets = bucket_indices(state.preconditioner, len(leaves))
+      stored = [jax.tree.leaves(q) for q in bucket_values(state.preconditioner)]
+      member = lambda q, indices: unstacked(q, len(indices) > 1)
+      groups = [None] * len(leaves)
+      for indices, q in zip(buckets, stored):
+        for i in indices:
+          groups[i] = group_for_shape(tuple(leaves[i].shape)[1 if flags[i] else 0:],
+                                      unstacked(member(q, indices), flags[i]))
+      q_buckets = [rebuild(lambda g=groups[indices[0]]: g.init(1.0, dtype),
+                           [sharding_lib.replicated(a) for a in q])
+                   for indices, q in zip(buckets, stored)]
+      set_buckets = bucket_values(state.scale_set)
+    else:
+      stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
+      groups = [group_for_shape(tuple(leaf.shape)[1 if flag else 0:], unstacked(q, flag))
+                for leaf, q, flag in zip(leaves, stored, flags)]
+      q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype),
+                          [sharding_lib.replicated(a) for a in q])
+                  for group, q in zip(groups, stored)]
+      set_leaves = treedef.flatten_up_to(state.scale_set)
+      # Each bucket's Q is stacked once, before the cond, so that the fit and the cond's
+      # operands see one array per bucket rather than one per leaf.
+      buckets = buckets_of(groups, flags, q_leaves, set_leaves, grads)
+      q_buckets = [gather(q_leaves, indices) for indices in buckets]
+      set_buckets = [gather(set_leaves, indices) for indices in buckets]
     memory = rebuild(lambda: source.init(updates, dtype), jax.tree.leaves(state.curvature))
 
     key = jax.random.fold_in(jax.random.key(seed), state.count)
@@ -336,18 +453,12 @@ def preconditioner(
     fit_now = (state.count == 0) | (jax.random.uniform(coin_key) < probability)
     lr = jnp.asarray(value_at(precond_lr, state.count), dtype)
 
-    # Each bucket's Q is stacked once, before the cond, so that the fit and the cond's
-    # operands see one array per bucket rather than one per leaf.
-    buckets = buckets_of(groups, flags, q_leaves, set_leaves, grads)
-    q_buckets = [gather(q_leaves, indices) for indices in buckets]
-    set_buckets = [gather(set_leaves, indices) for indices in buckets]
-
     def fit(carry):
       q_old, scale_set = carry
       # Gradients are stacked here, on fitting steps only; preconditioning below is per leaf.
       grad_buckets = [gather(grads, indices) for indices in buckets]
       pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
-                         curvature_args, memory)
+                         curvature_args, memory, buckets=buckets)
       vectors = [sharding_lib.replicated(v) for v in pair.vectors]
       products = [sharding_lib.replicated(h) for h in average(pair.products)]
       v_buckets = [gather(vectors, indices) for indices in buckets]
@@ -388,18 +499,31 @@ def preconditioner(
 
     q_buckets, set_buckets = jax.lax.cond(fit_now, fit, lambda carry: carry,
                                           (q_buckets, set_buckets))
-    q_leaves = scatter(q_buckets, buckets, len(leaves))
-    # Preconditioned leaf by leaf: the products are few to trace, and on CPU a batched
-    # (vmapped) product of a bucket ran slower than its separate products.
-    directions = [per_layer(group.precondition, flag)(q, g)
-                  for group, flag, q, g in zip(groups, flags, q_leaves, grads)]
+    if per_bucket:
+      # Preconditioned per bucket stack: cutting each leaf's Q out of its stack would be a
+      # kernel per leaf and factor; this way only each leaf's direction is cut.
+      precondition = lambda group, q, g: group.precondition(q, g)
+      directions = scatter([bucket_fn(precondition, groups, flags, indices)(
+          q, gather(grads, indices)) for indices, q in zip(buckets, q_buckets)],
+                           buckets, len(leaves))
+    else:
+      q_leaves = scatter(q_buckets, buckets, len(leaves))
+      # Preconditioned leaf by leaf: the products are few to trace, and on CPU a batched
+      # (vmapped) product of a bucket ran slower than its separate products.
+      directions = [per_layer(group.precondition, flag)(q, g)
+                    for group, flag, q, g in zip(groups, flags, q_leaves, grads)]
     preconditioned = [sharding_lib.like(direction.astype(leaf.dtype), leaf)
                       for direction, leaf in zip(directions, leaves)]
-    set_leaves = scatter(set_buckets, buckets, len(leaves))
+    if per_bucket:
+      preconditioner = bucket_dict(q_buckets, buckets)
+      scale_set = bucket_dict(set_buckets, buckets)
+    else:
+      preconditioner = treedef.unflatten(q_leaves)
+      scale_set = treedef.unflatten(scatter(set_buckets, buckets, len(leaves)))
     new_state = PSGDState(
         count=optax.safe_increment(state.count),
-        preconditioner=jax.tree.map(place, treedef.unflatten(q_leaves)),
-        scale_set=treedef.unflatten(set_leaves),
+        preconditioner=jax.tree.map(place, preconditioner),
+        scale_set=scale_set,
         # A source with memory (secant pairs) keeps the averaged gradients, so the state
         # stays the same on every replica; the others pay no extra all-reduce.
         curvature=source.remember(
