@@ -98,7 +98,8 @@ def _quadratic(params):
              for i, leaf in enumerate(jax.tree.leaves(params)))
 
 
-@pytest.mark.parametrize("curvature", ["whitening", "newton"])
+@pytest.mark.parametrize("curvature", [pytest.param("whitening", marks=pytest.mark.slow),
+                                       "newton"])
 def test_per_bucket_layout_gives_the_per_leaf_layouts_updates_and_states(curvature):
   """Same math, other storage: updates and every leaf's state are bitwise equal."""
   options = dict(curvature=curvature, update_probability=0.5, stacked=IS_STACKED)

@@ -160,7 +160,7 @@ def _assert_layouts_and_training(case, result):
 
 def test_state_layout_is_stable_and_training_matches_one_device():
   """One interpreter for every case (each would otherwise pay JAX's start-up)."""
-  results = _run_checks("kron_newton", "ready_secant", "sharded_factors", "sharded_per_bucket")
+  results = _run_checks("kron_newton", "ready_secant", "sharded_per_bucket")
   for case, result in results.items():
     _assert_layouts_and_training(case, result)
   assert results["ready_secant"]["params_shaped"] >= 8, results  # momentum, secant memory
@@ -168,7 +168,7 @@ def test_state_layout_is_stable_and_training_matches_one_device():
 
 @pytest.mark.slow
 def test_more_state_layouts_are_stable_and_training_matches_one_device():
-  results = _run_checks("kron", "lra_diag", "fop_snr")
+  results = _run_checks("kron", "sharded_factors", "lra_diag", "fop_snr")
   for case, result in results.items():
     _assert_layouts_and_training(case, result)
   assert results["fop_snr"]["params_shaped"] >= 12, results  # SNR moments, FOP's previous g
