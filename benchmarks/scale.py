@@ -13,7 +13,7 @@ as a Python loop so that every block is its own leaf. For each ``N`` and each of
 time at the smallest ``N``, all in this one process.
 
 ``--versus psgdax`` instead times one jitted training step (gradient + optimizer) of
-``psgd.optimizers.kron`` and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs
+``psgd.optimizers.kron`` (with each ``state_layout``) and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs
 beside current optax; ``psgd-jax`` imports a private optax module that no longer exists) on
 the MLP and transformer of ``benchmarks/step_time.py``, with matched settings: whitening,
 momentum 0.9, preconditioner lr 0.1, the same update probability, preconditioned-update RMS
@@ -95,10 +95,12 @@ def versus_psgdax(steps, probabilities, rounds=3):
                        ("transformer", step_time.transformer_model)):
     params, loss_fn = build(jax.random.key(0))
     for probability in probabilities:
+      ours = lambda layout: psgd.optimizers.kron(
+          learning_rate=1e-3, momentum=0.9, update_probability=probability,
+          precond_lr=0.1, max_skew=1.0, max_update_rms=1.0, state_layout=layout)
       optimizers = {
-          "psgd_optax": psgd.optimizers.kron(
-              learning_rate=1e-3, momentum=0.9, update_probability=probability,
-              precond_lr=0.1, max_skew=1.0, max_update_rms=1.0),
+          "ours per_leaf": ours("per_leaf"),
+          "ours per_bucket": ours("per_bucket"),
           "psgdax": psgdax.kron(
               learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
               preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
@@ -122,12 +124,14 @@ def versus_psgdax(steps, probabilities, rounds=3):
         print(f"{model:<12}{probability:>5}{name:>16}{np.median(row['medians']):>11.2f}"
               f"{np.median(row['means']):>9.2f}{row['bytes'] / 1e6:>10.2f}"
               f"{row['peak'] / 1e6:>9.1f}")
-      ours, theirs = rows["psgd_optax"], rows["psgdax"]
-      print(f"{'':<12}{'':>5}{'ratio':>16}"
-            f"{np.median(ours['medians']) / np.median(theirs['medians']):>10.2f}×"
-            f"{np.median(ours['means']) / np.median(theirs['means']):>8.2f}×"
-            f"{ours['bytes'] / theirs['bytes']:>9.2f}×{ours['peak'] / theirs['peak']:>8.2f}×",
-            flush=True)
+      theirs = rows["psgdax"]
+      for layout in ("per_leaf", "per_bucket"):
+        ours = rows[f"ours {layout}"]
+        print(f"{'':<12}{'':>5}{'ratio ' + layout:>16}"
+              f"{np.median(ours['medians']) / np.median(theirs['medians']):>10.2f}×"
+              f"{np.median(ours['means']) / np.median(theirs['means']):>8.2f}×"
+              f"{ours['bytes'] / theirs['bytes']:>9.2f}×{ours['peak'] / theirs['peak']:>8.2f}×",
+              flush=True)
 
 
 def main():

@@ -222,8 +222,8 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       (:func:`psgd_optax.preconditioner_per_leaf` gives the per-leaf view), and a bucket
       is preconditioned as one batched product. The step then neither stacks the states
       before the fit nor cuts every leaf's state out after it (on XLA each cut is its own
-      kernel to compile), so deep models compile faster: 32 identical blocks in 1.3× the
-      time of 4, against 2.0× per leaf (``benchmarks/scale.py``). It also keeps its
+      kernel to compile), so deep models compile faster: 32 identical blocks in 1.3–1.6×
+      the time of 4, against 1.7–2.0× per leaf (``benchmarks/scale.py``). It also keeps its
       structure under ``flax.nnx.Optimizer``, which hands a per-leaf state's group
       NamedTuples back as its own containers, so a jitted nnx step compiles once instead
       of twice. Same results as ``"per_leaf"`` (bit for bit on CPU in the tests).
