@@ -13,9 +13,11 @@ PARAMS = {f"block{i}": {"kernel": jnp.zeros((6, 5)), "bias": jnp.zeros(5)} for i
 PARAMS["head"] = jnp.zeros((5, 3))
 
 
-def _grads(step):
+def _grads(step, params=None):
+  """Random gradients for ``params`` (default ``PARAMS``), a different scale per leaf."""
+  params = PARAMS if params is None else params
   key = jax.random.fold_in(jax.random.key(0), step)
-  leaves, treedef = jax.tree.flatten(PARAMS)
+  leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, len(leaves))
   return treedef.unflatten([jax.random.normal(k, leaf.shape) * (i + 1)
                             for i, (k, leaf) in enumerate(zip(keys, leaves))])
@@ -86,11 +88,7 @@ IS_STACKED = lambda path, leaf: "layers" in jax.tree_util.keystr(path)
 
 
 def _stacked_grads(step):
-  key = jax.random.fold_in(jax.random.key(1), step)
-  leaves, treedef = jax.tree.flatten(STACKED_PARAMS)
-  keys = jax.random.split(key, len(leaves))
-  return treedef.unflatten([jax.random.normal(k, leaf.shape) * (i + 1)
-                            for i, (k, leaf) in enumerate(zip(keys, leaves))])
+  return _grads(step, STACKED_PARAMS)
 
 
 def _quadratic(params):
