@@ -226,7 +226,8 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       the time of 4, against 1.7–2.0× per leaf (``benchmarks/scale.py``). It also keeps its
       structure under ``flax.nnx.Optimizer``, which hands a per-leaf state's group
       NamedTuples back as its own containers, so a jitted nnx step compiles once instead
-      of twice. Same results as ``"per_leaf"`` (bit for bit on CPU in the tests).
+      of twice. Same states as ``"per_leaf"`` (bit for bit on CPU in the tests); updates
+      equal up to the rounding of a batched product against separate ones.
 """
 
 
