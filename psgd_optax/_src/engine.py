@@ -75,31 +75,53 @@ STATE_LAYOUTS = ("per_leaf", "per_bucket")
 _BUCKET_PREFIX = "leaves"
 
 
+def gather(column, indices):
+  """One bucket's entries of a per-leaf list: the leaf itself, or a stack of them."""
+  if len(indices) == 1:
+    return column[indices[0]]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[column[i] for i in indices])
+
+
+def scatter(values, buckets, count):
+  """The inverse of ``gather`` over all buckets: back to a per-leaf list."""
+  leaves = [None] * count
+  for value, indices in zip(values, buckets):
+    if len(indices) == 1:
+      leaves[indices[0]] = value
+      continue
+    for position, i in enumerate(indices):
+      leaves[i] = jax.tree.map(lambda x, position=position: x[position], value)
+  return leaves
+
+
 def bucket_dict(values, buckets) -> dict:
   """Per-bucket state entries keyed by their leaf indices: ``{"leaves_0_2_4": ...}``."""
   return {"_".join([_BUCKET_PREFIX, *map(str, indices)]): value
           for value, indices in zip(values, buckets)}
 
 
-def bucket_indices(entries, count: int) -> list[list[int]]:
-  """The buckets (leaf indices) of a per-bucket state entry, in ``bucket_values`` order."""
-  buckets = []
+def _bucket_keys(entries) -> list:
+  """A per-bucket entry's keys ordered by first leaf, the order buckets_of makes buckets in
+  (a dict handed back by jax or nnx may hold them in another order)."""
   for key in entries:
     prefix, *numbers = str(key).split("_")
     if prefix != _BUCKET_PREFIX or not numbers or not all(n.isdigit() for n in numbers):
       raise ValueError(f"state_layout='per_bucket' state has an entry {key!r}; expected keys "
                        "like 'leaves_0_2_4'. Was the state built with another state_layout?")
-    buckets.append([int(n) for n in numbers])
+  return sorted(entries, key=lambda key: int(str(key).split("_")[1]))
+
+
+def bucket_indices(entries, count: int) -> list[list[int]]:
+  """The buckets (leaf indices) of a per-bucket state entry, in ``bucket_values`` order."""
+  buckets = [[int(n) for n in str(key).split("_")[1:]] for key in _bucket_keys(entries)]
   if sorted(i for indices in buckets for i in indices) != list(range(count)):
     raise ValueError(f"The per-bucket state covers leaves {buckets}, but the updates have "
                      f"{count} leaves: the state was built for other params.")
-  return sorted(buckets)  # by first leaf, the order buckets_of makes them in
+  return buckets
 
 
 def bucket_values(entries) -> list:
-  """The entries in ``bucket_indices`` order (by first leaf, whatever the dict's order)."""
-  first_leaf = lambda key: int(str(key).split("_")[1])
-  return [entries[key] for key in sorted(entries, key=first_leaf)]
+  return [entries[key] for key in _bucket_keys(entries)]
 
 
 def preconditioner_per_leaf(state: PSGDState, params) -> Any:
@@ -131,12 +153,8 @@ def preconditioner_per_leaf(state: PSGDState, params) -> Any:
   if not isinstance(entries, dict) or not all(str(key).startswith(_BUCKET_PREFIX + "_")
                                               for key in entries):
     return entries
-  per_leaf = [None] * len(leaves)
-  for indices, value in zip(bucket_indices(entries, len(leaves)), bucket_values(entries)):
-    for position, i in enumerate(indices):
-      per_leaf[i] = (value if len(indices) == 1
-                     else jax.tree.map(lambda a, position=position: a[position], value))
-  return treedef.unflatten(per_leaf)
+  return treedef.unflatten(scatter(bucket_values(entries), bucket_indices(entries, len(leaves)),
+                                   len(leaves)))
 
 
 def check_stacked_spec(stacked) -> None:
@@ -338,23 +356,6 @@ def preconditioner(
       buckets.setdefault(key, []).append(i)
     return list(buckets.values())
 
-  def gather(column, indices):
-    """One bucket's entries of a per-leaf list: the leaf itself, or a stack of them."""
-    if len(indices) == 1:
-      return column[indices[0]]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *[column[i] for i in indices])
-
-  def scatter(bucket_values, buckets, count):
-    """The inverse of ``gather`` over all buckets: back to a per-leaf list."""
-    leaves = [None] * count
-    for value, indices in zip(bucket_values, buckets):
-      if len(indices) == 1:
-        leaves[indices[0]] = value
-        continue
-      for position, i in enumerate(indices):
-        leaves[i] = jax.tree.map(lambda x, position=position: x[position], value)
-    return leaves
-
   def bucket_fn(fn, groups, flags, indices):
     """``fn(group, ...)`` for one bucket: over layers if stacked, over leaves if bucketed."""
     leaf_fn = per_layer(functools.partial(fn, groups[indices[0]]), flags[indices[0]])
@@ -420,26 +421,25 @@ def preconditioner(
     # stored stack is read as one member's state. (Structure is the same, arrays longer.)
     unstacked = lambda q, is_stacked: ([jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in q]
                                        if is_stacked else q)
+    # Stored arrays back in the group's own containers (stacked or not: same structure).
+    restore = lambda group, q: rebuild(lambda: group.init(1.0, dtype),
+                                       [sharding_lib.replicated(a) for a in q])
     if per_bucket:
       buckets = bucket_indices(state.preconditioner, len(leaves))
       stored = [jax.tree.leaves(q) for q in bucket_values(state.preconditioner)]
-      member = lambda q, indices: unstacked(q, len(indices) > 1)
       groups = [None] * len(leaves)
       for indices, q in zip(buckets, stored):
+        member = unstacked(q, len(indices) > 1)
         for i in indices:
           groups[i] = group_for_shape(tuple(leaves[i].shape)[1 if flags[i] else 0:],
-                                      unstacked(member(q, indices), flags[i]))
-      q_buckets = [rebuild(lambda g=groups[indices[0]]: g.init(1.0, dtype),
-                           [sharding_lib.replicated(a) for a in q])
-                   for indices, q in zip(buckets, stored)]
+                                      unstacked(member, flags[i]))
+      q_buckets = [restore(groups[indices[0]], q) for indices, q in zip(buckets, stored)]
       set_buckets = bucket_values(state.scale_set)
     else:
       stored = [jax.tree.leaves(q) for q in treedef.flatten_up_to(state.preconditioner)]
       groups = [group_for_shape(tuple(leaf.shape)[1 if flag else 0:], unstacked(q, flag))
                 for leaf, q, flag in zip(leaves, stored, flags)]
-      q_leaves = [rebuild(lambda g=group: g.init(1.0, dtype),
-                          [sharding_lib.replicated(a) for a in q])
-                  for group, q in zip(groups, stored)]
+      q_leaves = [restore(group, q) for group, q in zip(groups, stored)]
       set_leaves = treedef.flatten_up_to(state.scale_set)
       # Each bucket's Q is stacked once, before the cond, so that the fit and the cond's
       # operands see one array per bucket rather than one per leaf.
