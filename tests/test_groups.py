@@ -31,6 +31,8 @@ def _random_factors(group, rng, triangular):
     ((4, 5), ("diagonal", "dense")),
     ((2, 3, 4), ("dense", "diagonal", "dense")),
     ((1, 6, 1), ("dense",)),
+    # A dense factor applies QᵀQ formed once where n² < numel (3 here) and Q, Qᵀ otherwise (8).
+    ((8, 3), ("dense", "dense")),
 ])
 def test_kron_precondition_equals_materialized_kronecker_product(shape, kinds):
   with jax.enable_x64(True):

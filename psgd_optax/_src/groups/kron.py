@@ -75,7 +75,10 @@ class KronGroup:
     return x
 
   def _precondition_core(self, q: KronState, x):
-    return self._apply_q(q, self._apply_q(q, x), transpose=True)
+    # P = ⊗ QᵢᵀQᵢ, so each axis takes its own QᵢᵀQᵢ (products along other axes commute).
+    for axis, (factor, matrix) in enumerate(zip(self.factors, q.factors)):
+      x = factor.precondition(matrix, x, axis)
+    return x
 
   def precondition(self, q: KronState, g):
     return self._precondition_core(q, g.reshape(self.core_shape)).reshape(g.shape)
