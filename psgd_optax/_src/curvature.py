@@ -58,6 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from psgd_optax._src.sharding import like
+from psgd_optax._src.trees import scatter
 
 CURVATURES = ("whitening", "newton", "finite_difference", "secant")
 DAMPING_TYPES = ("relative", "traditional", "nonconvex")
@@ -107,13 +108,12 @@ def _probe_leaves(key, leaves, dtype, buckets=None):
   buckets = buckets or [[i] for i in range(len(leaves))]
   sizes = [len(indices) * math.prod(leaves[indices[0]].shape) for indices in buckets]
   draw = jax.random.normal(key, (sum(sizes),), dtype)
-  probes = [None] * len(leaves)
+  blocks = []
   for start, size, indices in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes, buckets):
-    shape = tuple(leaves[indices[0]].shape)
-    block = draw[start:start + size].reshape((len(indices), *shape))
-    for position, i in enumerate(indices):
-      probes[i] = like(block[position], leaves[i])
-  return probes
+    stack = (len(indices),) if len(indices) > 1 else ()  # gather's layout of a bucket
+    blocks.append(draw[start:start + size].reshape(stack + tuple(leaves[indices[0]].shape)))
+  return [like(probe, leaf)
+          for probe, leaf in zip(scatter(blocks, buckets, len(leaves)), leaves)]
 
 
 @dataclasses.dataclass(frozen=True)

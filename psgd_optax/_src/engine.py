@@ -29,7 +29,7 @@ from psgd_optax._src import curvature as curvature_lib
 from psgd_optax._src import sharding as sharding_lib
 from psgd_optax._src.groups.base import GroupForShape
 from psgd_optax._src.schedules import update_probability_schedule
-from psgd_optax._src.trees import all_finite, rebuild, value_at
+from psgd_optax._src.trees import all_finite, gather, rebuild, scatter, value_at
 from psgd_optax._src.validation import check_float_dtype, check_number
 
 ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
@@ -73,25 +73,6 @@ def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Arr
 
 STATE_LAYOUTS = ("per_leaf", "per_bucket")
 _BUCKET_PREFIX = "leaves"
-
-
-def gather(column, indices):
-  """One bucket's entries of a per-leaf list: the leaf itself, or a stack of them."""
-  if len(indices) == 1:
-    return column[indices[0]]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *[column[i] for i in indices])
-
-
-def scatter(values, buckets, count):
-  """The inverse of ``gather`` over all buckets: back to a per-leaf list."""
-  leaves = [None] * count
-  for value, indices in zip(values, buckets):
-    if len(indices) == 1:
-      leaves[indices[0]] = value
-      continue
-    for position, i in enumerate(indices):
-      leaves[i] = jax.tree.map(lambda x, position=position: x[position], value)
-  return leaves
 
 
 def bucket_dict(values, buckets) -> dict:

@@ -1,4 +1,4 @@
-"""Small helpers shared by the engine and the first-order transformations."""
+"""Small helpers shared by the engine, the curvature sources and the first-order transformations."""
 
 from __future__ import annotations
 
@@ -22,3 +22,22 @@ def rebuild(make_state, state_leaves):
   flax.nnx hand NamedTuple states back in their own containers."""
   structure = jax.tree.structure(jax.eval_shape(make_state))
   return jax.tree.unflatten(structure, state_leaves)
+
+
+def gather(column, indices):
+  """One bucket's entries of a per-leaf list: the leaf itself, or a stack of them."""
+  if len(indices) == 1:
+    return column[indices[0]]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *[column[i] for i in indices])
+
+
+def scatter(values, buckets, count):
+  """The inverse of ``gather`` over all buckets: back to a per-leaf list."""
+  leaves = [None] * count
+  for value, indices in zip(values, buckets):
+    if len(indices) == 1:
+      leaves[indices[0]] = value
+      continue
+    for position, i in enumerate(indices):
+      leaves[i] = jax.tree.map(lambda x, position=position: x[position], value)
+  return leaves
