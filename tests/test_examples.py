@@ -91,8 +91,9 @@ def test_logistic_regression_example_psgd_lra_ends_below_sgd_at_its_best_learnin
 
 def test_autoencoder_example_scan_reconstructs_digits():
   # SCAN (conv and transposed-conv pairs through affine_pairs) compiles and runs in a third
-  # of Kron's time; measured test MSE 0.0041 against 0.116 over the first 10 steps.
-  results = autoencoder.compare(300, 128, [0], ["scan"], progress=False)
+  # of Kron's time; measured test MSE after 150 steps 0.0082 (0.0041 after 300) against
+  # 0.116 over the first 10 steps.
+  results = autoencoder.compare(150, 128, [0], ["scan"], progress=False)
   losses, test_error, _ = results["psgd.scan"][0]
   assert test_error < 0.2 * float(np.mean(losses[:10])), (test_error, losses[:10])
 
