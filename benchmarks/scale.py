@@ -6,16 +6,17 @@
 
 A residual MLP of ``N`` identical blocks (each a ``(width, width)`` kernel and a bias), written
 as a Python loop so that every block is its own leaf. For each ``N`` and each of
-``bucketing=True`` with ``state_layout="per_bucket"`` and ``"per_leaf"``, and
-``bucketing=False``, it times ``jax.jit(step).lower(...).compile()`` of one training step
-(gradient, ``psgd.kron`` preconditioner update with a fit, optax apply), keeps the fastest of
-``--rounds`` interleaved compiles, and prints each configuration's time relative to its own
-time at the smallest ``N``, all in this one process.
+``bucketing=True`` with ``state_layout="per_bucket"`` (whole buckets vmapped, and looped one
+leaf per trip with ``bucket_batch_size=1``) and ``"per_leaf"``, and ``bucketing=False``, it
+times ``jax.jit(step).lower(...).compile()`` of one training step (gradient, ``psgd.kron``
+preconditioner update with a fit, optax apply), keeps the fastest of ``--rounds``
+interleaved compiles, and prints each configuration's time relative to its own time at the
+smallest ``N``, all in this one process.
 
 ``--versus psgdax`` instead times one jitted training step (gradient + optimizer) of
-``psgd.optimizers.kron`` (with each ``state_layout``) and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs
-beside current optax; ``psgd-jax`` imports a private optax module that no longer exists) on
-the MLP and transformer of ``benchmarks/step_time.py``, with matched settings: whitening,
+``psgd.optimizers.kron`` (each ``state_layout``, and per leaf with ``bucket_batch_size=1``)
+and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs beside current optax;
+``psgd-jax`` imports a private optax module that no longer exists) on the MLP and transformer of ``benchmarks/step_time.py``, with matched settings: whitening,
 momentum 0.9, preconditioner lr 0.1, the same update probability, preconditioned-update RMS
 clipped at 1, dense factors for axes with ``n² ≤ size`` (``max_skew=1``, psgdax's rule),
 float32 everywhere (psgdax's matmuls at float32 precision, not its TF32 default). Prints
@@ -51,15 +52,18 @@ def loss_fn(params, x):
   return jnp.mean(x ** 2)
 
 
-# (bucketing, state_layout) configurations, in the order printed.
-CONFIGURATIONS = ((True, "per_bucket"), (True, "per_leaf"), (False, "per_leaf"))
+# (bucketing, state_layout, bucket_batch_size) configurations, in the order printed.
+CONFIGURATIONS = ((True, "per_bucket", None), (True, "per_bucket", 1), (True, "per_leaf", None),
+                  (False, "per_leaf", None))
 
 
-def compile_seconds(blocks, width, family, bucketing, state_layout="per_leaf"):
+def compile_seconds(blocks, width, family, bucketing, state_layout="per_leaf",
+                    bucket_batch_size=None):
   params = make_params(blocks, width)
   factory = {"kron": psgd.kron, "diag": psgd.diag}[family]
   tx = optax.chain(factory(update_probability=1.0, bucketing=bucketing,
-                           state_layout=state_layout), optax.scale(-1e-3))
+                           state_layout=state_layout, bucket_batch_size=bucket_batch_size),
+                   optax.scale(-1e-3))
   state = tx.init(params)
   x = jnp.ones((8, width))
 
@@ -96,12 +100,14 @@ def versus_psgdax(steps, probabilities, rounds):
                        ("transformer", step_time.transformer_model)):
     params, loss_fn = build(jax.random.key(0))
     for probability in probabilities:
-      ours = lambda layout: psgd.optimizers.kron(
+      ours = lambda layout, batch_size=None: psgd.optimizers.kron(
           learning_rate=1e-3, momentum=0.9, update_probability=probability,
-          precond_lr=0.1, max_skew=1.0, max_update_rms=1.0, state_layout=layout)
+          precond_lr=0.1, max_skew=1.0, max_update_rms=1.0, state_layout=layout,
+          bucket_batch_size=batch_size)
       optimizers = {
           "ours per_leaf": ours("per_leaf"),
           "ours per_bucket": ours("per_bucket"),
+          "ours looped": ours("per_leaf", 1),
           "psgdax": psgdax.kron(
               learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
               preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
@@ -125,7 +131,7 @@ def versus_psgdax(steps, probabilities, rounds):
         print(f"{model:<12}{probability:>5}{name:>16}{row['median']:>11.2f}"
               f"{row['min']:>9.2f}{row['bytes'] / 1e6:>10.2f}{row['peak'] / 1e6:>9.1f}")
       theirs = rows["psgdax"]
-      for layout in ("per_leaf", "per_bucket"):
+      for layout in ("per_leaf", "per_bucket", "looped"):
         ours = rows[f"ours {layout}"]
         print(f"{'':<12}{'':>5}{'ratio ' + layout:>16}"
               f"{ours['median'] / theirs['median']:>10.2f}×"
@@ -153,7 +159,7 @@ def main():
     return
   print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
         f"psgd.{args.family}, compile time of one training step")
-  print(f"{'blocks':>6} {'bucketing':>10} {'state_layout':>13} {'compile s':>10}"
+  print(f"{'blocks':>6} {'bucketing':>10} {'state_layout':>13} {'batch':>6} {'compile s':>10}"
         f" {'vs ' + str(args.blocks[0]) + ' blocks':>12}")
   compile_seconds(2, args.width, args.family, True)  # warm up JAX itself
   seconds = {}
@@ -165,7 +171,8 @@ def main():
   for blocks in args.blocks:
     for config in CONFIGURATIONS:
       ratio = seconds[blocks, config] / seconds[args.blocks[0], config]
-      print(f"{blocks:>6} {str(config[0]):>10} {config[1]:>13} {seconds[blocks, config]:>10.2f}"
+      print(f"{blocks:>6} {str(config[0]):>10} {config[1]:>13} {str(config[2]):>6}"
+            f" {seconds[blocks, config]:>10.2f}"
             f" {ratio:>11.2f}×", flush=True)
 
 

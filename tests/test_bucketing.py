@@ -23,6 +23,10 @@ def _grads(step, params=None):
                             for i, (k, leaf) in enumerate(zip(keys, leaves))])
 
 
+def _close(actual, expected):
+  np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("family", [
     lambda **kw: psgd.kron(**kw),
     pytest.param(lambda **kw: psgd.lra(rank=2, **kw), marks=pytest.mark.slow),
@@ -35,9 +39,8 @@ def test_bucketing_gives_the_same_updates_and_state(family):
   for t in range(5):
     u1, s1 = step1(_grads(t), s1, PARAMS)
     u2, s2 = step2(_grads(t), s2, PARAMS)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), u1, u2)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6),
-               s1.preconditioner, s2.preconditioner)
+  jax.tree.map(_close, u1, u2)
+  jax.tree.map(_close, s1.preconditioner, s2.preconditioner)
 
 
 TRACES = []
@@ -80,6 +83,39 @@ def test_fit_is_traced_once_per_bucket_with_the_per_bucket_layout():
   TRACES.clear()
   jax.jit(tx.update).lower(_grads(0), state, PARAMS)
   assert len(TRACES) == 3
+
+
+@pytest.mark.parametrize("state_layout", ["per_leaf", "per_bucket"])
+def test_bucket_batch_size_loops_over_a_bucket_with_the_same_results(state_layout):
+  """``bucket_batch_size=1`` runs a bucket's leaves one per loop trip (each trip the
+  unbatched math of ``bucketing=False``), 2 runs vmapped pairs and then the odd leaf; both
+  agree with ``bucketing=False`` to float32 rounding (XLA compiles a loop body on its own,
+  so not bit for bit), and the fit is still traced once per bucket."""
+  reference = psgd.kron(update_probability=1.0, bucketing=False)
+  looped = {size: psgd.kron(update_probability=1.0, bucket_batch_size=size,
+                            state_layout=state_layout) for size in (1, 2)}
+  s_ref = reference.init(PARAMS)
+  states = {size: tx.init(PARAMS) for size, tx in looped.items()}
+  for t in range(4):
+    u_ref, s_ref = jax.jit(reference.update)(_grads(t), s_ref, PARAMS)
+    for size, tx in looped.items():
+      u, states[size] = jax.jit(tx.update)(_grads(t), states[size], PARAMS)
+      jax.tree.map(_close, u, u_ref)
+  for size in looped:
+    jax.tree.map(_close, psgd.preconditioner_per_leaf(states[size], PARAMS),
+                 s_ref.preconditioner)
+  counting = psgd.preconditioner(
+      lambda shape, leaves=None: CountingGroup(psgd.kron_group(shape)),
+      update_probability=1.0, bucket_batch_size=1, state_layout=state_layout)
+  TRACES.clear()
+  jax.jit(counting.update).lower(_grads(0), counting.init(PARAMS), PARAMS)
+  assert len(TRACES) == 3
+
+
+@pytest.mark.parametrize("size", [0, 1.5, True, "1"])
+def test_bucket_batch_size_must_be_a_positive_int(size):
+  with pytest.raises(ValueError, match="bucket_batch_size must be None or an int"):
+    psgd.kron(bucket_batch_size=size)
 
 
 # Two stacked (layer-axis) leaves that share a bucket beside the unstacked ones.
