@@ -18,7 +18,8 @@ smallest ``N``, all in this one process.
 and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs beside current optax;
 ``psgd-jax`` imports a private optax module that no longer exists) on the MLP and
 transformer of ``benchmarks/step_time.py``, with matched settings: whitening, momentum 0.9,
-preconditioner lr 0.1, the same update probability, preconditioned-update RMS clipped at 1, dense factors for axes with ``n² ≤ size`` (``max_skew=1``, psgdax's rule),
+preconditioner lr 0.1, the same update probability, preconditioned-update RMS clipped at 1,
+dense factors for axes with ``n² ≤ size`` (``max_skew=1``, psgdax's rule),
 float32 everywhere (psgdax's matmuls at float32 precision, not its TF32 default). Prints
 the median and the fastest step time (over all rounds; the fastest is the least disturbed
 by other load on a shared machine), the optimizer state's bytes and XLA's peak memory
