@@ -232,9 +232,11 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       (default): the whole bucket as one batched (``vmap``) product. An int ``k``: a loop
       (``lax.map``) over the bucket, ``k`` leaves per trip, still traced and compiled once.
       Smaller ``k`` keeps fewer leaves' temporaries live (peak memory), and ``1`` runs
-      every product unbatched, which on CPU is faster than XLA's batched products (a fitting
-      step of four 512×512 layers: 124 ms at 1, 148 ms vmapped, ``benchmarks/scale.py``).
-      With ``optax.inject_hyperparams`` pass it in ``static_args``.
+      every product unbatched, which XLA's CPU backend can run faster than batched ones
+      (the update alone of four 512×512 layers on a fitting step: 124 ms at 1, 148 ms
+      vmapped; in whole training steps, ``benchmarks/scale.py --versus``, the gap did not
+      show through the machine's noise). With ``optax.inject_hyperparams`` pass it in
+      ``static_args``.
 """
 
 

@@ -1,4 +1,5 @@
-"""Small helpers shared by the engine, the curvature sources and the first-order transformations."""
+"""Small helpers shared by the engine, the curvature sources and the first-order
+transformations."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Per-axis factors of a Kronecker-product ``Q`` (also the whole ``Q`` of ``dense``/``diag``).
 
 A factor acts on one axis of a tensor. Each kind knows how to apply itself (``Q x`` or
-``Qᵀ x`` along the axis) and its ``QᵀQ``, solve with its transpose, form the partial second moment of a
-tensor over all other axes, bound that moment's norm, and take one normalized step on its
-group for a given :class:`~psgd_optax._src.groups.geometry.Geometry`.
+``Qᵀ x`` along the axis) and its ``QᵀQ``, solve with its transpose, form the partial second
+moment of a tensor over all other axes, bound that moment's norm, and take one normalized
+step on its group for a given :class:`~psgd_optax._src.groups.geometry.Geometry`.
 
 ``dense``
   a full ``n × n`` matrix: upper triangular under ``geometry="eq"``, symmetric positive
