@@ -6,15 +6,15 @@
 
 A residual MLP of ``N`` identical blocks (each a ``(width, width)`` kernel and a bias), written
 as a Python loop so that every block is its own leaf. For each ``N`` and each of
-``bucketing=True`` with ``state_layout="per_bucket"`` (whole buckets vmapped, and looped one
-leaf per trip with ``bucket_batch_size=1``) and ``"per_leaf"``, and ``bucketing=False``, it
-times ``jax.jit(step).lower(...).compile()`` of one training step (gradient, ``psgd.kron``
-preconditioner update with a fit, optax apply), keeps the fastest of ``--rounds``
-interleaved compiles, and prints each configuration's time relative to its own time at the
-smallest ``N``, all in this one process.
+``bucketing=True`` with the default ``state_layout="per_bucket"`` (whole buckets vmapped, and
+looped one leaf per trip with ``bucket_batch_size=1``) and with ``"per_leaf"``, and
+``bucketing=False``, it times ``jax.jit(step).lower(...).compile()`` of one training step
+(gradient, ``psgd.kron`` preconditioner update with a fit, optax apply), keeps the fastest
+of ``--rounds`` interleaved compiles, and prints each configuration's time relative to its
+own time at the smallest ``N``, all in this one process.
 
 ``--versus psgdax`` instead times one jitted training step (gradient + optimizer) of
-``psgd.optimizers.kron`` (each ``state_layout``, and per leaf with ``bucket_batch_size=1``)
+``psgd.optimizers.kron`` (each ``state_layout``, and per bucket with ``bucket_batch_size=1``)
 and of ``psgdax.kron`` (the JAX PSGD port on PyPI that installs beside current optax;
 ``psgd-jax`` imports a private optax module that no longer exists) on the MLP and
 transformer of ``benchmarks/step_time.py``, with matched settings: whitening, momentum 0.9,
@@ -55,10 +55,10 @@ def loss_fn(params, x):
 
 # (bucketing, state_layout, bucket_batch_size) configurations, in the order printed.
 CONFIGURATIONS = ((True, "per_bucket", None), (True, "per_bucket", 1), (True, "per_leaf", None),
-                  (False, "per_leaf", None))
+                  (False, "per_bucket", None))
 
 
-def compile_seconds(blocks, width, family, bucketing, state_layout="per_leaf",
+def compile_seconds(blocks, width, family, bucketing, state_layout="per_bucket",
                     bucket_batch_size=None):
   params = make_params(blocks, width)
   factory = {"kron": psgd.kron, "diag": psgd.diag}[family]
@@ -89,7 +89,7 @@ def _peak_bytes(step, params, state):
           + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
 
 
-def versus_psgdax(steps, probabilities, rounds):
+def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
   import psgdax  # pylint: disable=import-outside-toplevel
   import step_time  # pylint: disable=import-outside-toplevel
 
@@ -97,8 +97,9 @@ def versus_psgdax(steps, probabilities, rounds):
         f"{rounds} interleaved rounds of {steps} timed steps; ratios are ours / psgdax")
   print(f"{'model':<12}{'p':>5}{'optimizer':>16}{'median ms':>11}{'min ms':>9}"
         f"{'state MB':>10}{'peak MB':>9}")
-  for model, build in (("mlp", step_time.mlp_model),
-                       ("transformer", step_time.transformer_model)):
+  builders = {"mlp": step_time.mlp_model, "transformer": step_time.transformer_model}
+  for model in models:
+    build = builders[model]
     params, loss_fn = build(jax.random.key(0))
     for probability in probabilities:
       ours = lambda layout, batch_size=None: psgd.optimizers.kron(
@@ -106,9 +107,9 @@ def versus_psgdax(steps, probabilities, rounds):
           precond_lr=0.1, max_skew=1.0, max_update_rms=1.0, state_layout=layout,
           bucket_batch_size=batch_size)
       optimizers = {
-          "ours per_leaf": ours("per_leaf"),
           "ours per_bucket": ours("per_bucket"),
-          "ours looped": ours("per_leaf", 1),
+          "ours per_leaf": ours("per_leaf"),
+          "ours looped": ours("per_bucket", 1),
           "psgdax": psgdax.kron(
               learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
               preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
@@ -132,7 +133,7 @@ def versus_psgdax(steps, probabilities, rounds):
         print(f"{model:<12}{probability:>5}{name:>16}{row['median']:>11.2f}"
               f"{row['min']:>9.2f}{row['bytes'] / 1e6:>10.2f}{row['peak'] / 1e6:>9.1f}")
       theirs = rows["psgdax"]
-      for layout in ("per_leaf", "per_bucket", "looped"):
+      for layout in ("per_bucket", "per_leaf", "looped"):
         ours = rows[f"ours {layout}"]
         print(f"{'':<12}{'':>5}{'ratio ' + layout:>16}"
               f"{ours['median'] / theirs['median']:>10.2f}×"
@@ -150,13 +151,15 @@ def main():
                       help="time and measure memory against another JAX PSGD instead")
   parser.add_argument("--steps", type=int, default=30, help="timed steps per round (--versus)")
   parser.add_argument("--probabilities", type=float, nargs="+", default=[1.0, 0.1])
+  parser.add_argument("--models", nargs="+", default=["mlp", "transformer"],
+                      choices=["mlp", "transformer"], help="models to time (--versus)")
   parser.add_argument("--rounds", type=int, default=3,
                       help="compile (or, with --versus, time) each configuration this many"
                       " times, interleaved; compile times keep the fastest (they move by ±20%%"
                       " from run to run)")
   args = parser.parse_args()
   if args.versus:
-    versus_psgdax(args.steps, args.probabilities, args.rounds)
+    versus_psgdax(args.steps, args.probabilities, args.rounds, args.models)
     return
   print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
         f"psgd.{args.family}, compile time of one training step")

@@ -13,9 +13,9 @@ An MLP classifies scikit-learn's ``load_digits``. Two ways to run PSGD-Kron:
   jitted step ``value_fn`` merges the params it is given back into the model. Its ``P·g`` is
   a Newton-sized step, so its learning rate is O(0.1–1), not Adam's.
 
-Both use ``state_layout="per_bucket"``: ``nnx.Optimizer`` hands a per-leaf state back in its
-own containers after the first update, which makes a jitted step compile a second time; a
-per-bucket state keeps its structure.
+Both keep the default ``state_layout="per_bucket"``: ``nnx.Optimizer`` hands a per-leaf state
+back in its own containers after the first update, which makes a jitted step compile a second
+time; a per-bucket state keeps its structure.
 
 Prints the test accuracy and final training loss of each type and saves the loss curves to
 ``flax_nnx_training.png``. About 30 seconds on 2 CPU cores.
@@ -72,13 +72,12 @@ def train(newton, steps, batch=256, seed=0, progress=True):
       (images / 16.0).astype(np.float32), labels.astype(np.int32), test_size=0.25,
       random_state=0)
   model = MLP(nnx.Rngs(seed))
-  # The per-bucket state keeps its structure under nnx.Optimizer, so the step compiles once.
+  # The default per-bucket state keeps its structure under nnx.Optimizer: one compile.
   if newton:
     tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(0.3, steps),
-                              curvature="newton", state_layout="per_bucket")
+                              curvature="newton")
   else:
-    tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(1e-2, steps),
-                              state_layout="per_bucket")
+    tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(1e-2, steps))
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   losses = []

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+import psgd_optax as psgd
+
 
 def random_symmetric(n, eigenvalues, rng):
   basis, _ = np.linalg.qr(rng.standard_normal((n, n)))
@@ -13,6 +15,18 @@ def random_symmetric(n, eigenvalues, rng):
 
 def random_spd(n, cond, rng):
   return random_symmetric(n, np.geomspace(1.0, cond, n), rng)
+
+
+def single_leaf(state_entries):
+  """The one leaf's entry of a per-bucket PSGD state field (``state.preconditioner`` or
+  ``state.scale_set``) built for a single array: the default layout keys it ``"leaves_0"``."""
+  (entry,) = state_entries.values()
+  return entry
+
+
+def scale_set_per_leaf(state, params):
+  """``state.scale_set`` as a params-shaped tree of flags, whatever the state's layout."""
+  return psgd.preconditioner_per_leaf(state._replace(preconditioner=state.scale_set), params)
 
 
 def matrix_abs(h):
@@ -51,7 +65,7 @@ def newton_fit(tx, group, hessian, shape, steps, chunk=100):
   errors = []
   for _ in range(steps // chunk):
     state = run_chunk(state)
-    errors.append(fit_error(group.materialize(state.preconditioner), target))
+    errors.append(fit_error(group.materialize(single_leaf(state.preconditioner)), target))
   return errors, state
 
 

@@ -40,7 +40,8 @@ def test_bucketing_gives_the_same_updates_and_state(family):
     u1, s1 = step1(_grads(t), s1, PARAMS)
     u2, s2 = step2(_grads(t), s2, PARAMS)
   jax.tree.map(_close, u1, u2)
-  jax.tree.map(_close, s1.preconditioner, s2.preconditioner)
+  jax.tree.map(_close, psgd.preconditioner_per_leaf(s1, PARAMS),
+               psgd.preconditioner_per_leaf(s2, PARAMS))
 
 
 TRACES = []
@@ -76,9 +77,9 @@ def test_fit_is_traced_once_per_bucket(bucketing, expected):
   assert len(TRACES) == expected
 
 
-def test_fit_is_traced_once_per_bucket_with_the_per_bucket_layout():
+def test_fit_is_traced_once_per_bucket_with_the_per_leaf_layout():
   tx = psgd.preconditioner(lambda shape, leaves=None: CountingGroup(psgd.kron_group(shape)),
-                           update_probability=1.0, state_layout="per_bucket")
+                           update_probability=1.0, state_layout="per_leaf")
   state = tx.init(PARAMS)
   TRACES.clear()
   jax.jit(tx.update).lower(_grads(0), state, PARAMS)
@@ -103,7 +104,7 @@ def test_bucket_batch_size_loops_over_a_bucket_with_the_same_results(state_layou
       jax.tree.map(_close, u, u_ref)
   for size in looped:
     jax.tree.map(_close, psgd.preconditioner_per_leaf(states[size], PARAMS),
-                 s_ref.preconditioner)
+                 psgd.preconditioner_per_leaf(s_ref, PARAMS))
   counting = psgd.preconditioner(
       lambda shape, leaves=None: CountingGroup(psgd.kron_group(shape)),
       update_probability=1.0, bucket_batch_size=1, state_layout=state_layout)
@@ -137,8 +138,8 @@ def _quadratic(params):
 def test_per_bucket_layout_gives_the_per_leaf_layouts_updates_and_states(curvature):
   """Same math, other storage: updates and every leaf's state are bitwise equal."""
   options = dict(curvature=curvature, update_probability=0.5, stacked=IS_STACKED)
-  by_bucket = psgd.kron(state_layout="per_bucket", **options)
-  by_leaf = psgd.kron(**options)
+  by_bucket = psgd.kron(**options)  # the default layout
+  by_leaf = psgd.kron(state_layout="per_leaf", **options)
   s1, s2 = by_bucket.init(STACKED_PARAMS), by_leaf.init(STACKED_PARAMS)
   extra = {"value_fn": _quadratic} if curvature == "newton" else {}
   params = STACKED_PARAMS
@@ -173,12 +174,23 @@ def test_per_bucket_state_is_keyed_by_leaf_indices_and_stacked():
   assert jax.tree.structure(abstract) == jax.tree.structure(state)
 
 
+def test_per_bucket_layout_without_bucketing_keeps_every_leaf_alone():
+  by_bucket = psgd.kron(update_probability=1.0, bucketing=False)
+  by_leaf = psgd.kron(update_probability=1.0, bucketing=False, state_layout="per_leaf")
+  s1, s2 = by_bucket.init(PARAMS), by_leaf.init(PARAMS)
+  assert sorted(s1.preconditioner) == sorted(f"leaves_{i}" for i in range(7))
+  for t in range(3):
+    u1, s1 = by_bucket.update(_grads(t), s1, PARAMS)
+    u2, s2 = by_leaf.update(_grads(t), s2, PARAMS)
+    jax.tree.map(np.testing.assert_array_equal, u1, u2)
+  jax.tree.map(np.testing.assert_array_equal, psgd.preconditioner_per_leaf(s1, PARAMS),
+               s2.preconditioner)
+
+
 def test_per_bucket_layout_rejects_what_it_cannot_hold():
-  with pytest.raises(ValueError, match="needs bucketing=True"):
-    psgd.kron(state_layout="per_bucket", bucketing=False)
   with pytest.raises(ValueError, match="state_layout must be one of"):
     psgd.kron(state_layout="bucketed")
-  per_leaf_state = psgd.kron().init(PARAMS)
+  per_leaf_state = psgd.kron(state_layout="per_leaf").init(PARAMS)
   with pytest.raises(ValueError, match="another state_layout"):
     psgd.kron(state_layout="per_bucket").update(_grads(0), per_leaf_state, PARAMS)
   other_params = dict(PARAMS, extra=jnp.zeros(3))
@@ -244,8 +256,8 @@ def test_per_bucket_state_keeps_its_structure_under_nnx_optimizer():
 def test_every_group_runs_in_the_per_bucket_layout(family):
   """States bitwise equal to the per-leaf layout's; updates equal up to the rounding of a
   batched product against separate ones (measured ≤ 1.2e-7)."""
-  by_bucket = family(update_probability=0.5, state_layout="per_bucket")
-  by_leaf = family(update_probability=0.5)
+  by_bucket = family(update_probability=0.5)  # the default layout
+  by_leaf = family(update_probability=0.5, state_layout="per_leaf")
   s1, s2 = by_bucket.init(PARAMS), by_leaf.init(PARAMS)
   for t in range(4):
     u1, s1 = by_bucket.update(_grads(t), s1, PARAMS)

@@ -27,7 +27,7 @@ import pytest
 
 import psgd_optax as psgd
 from psgd_optax._src.groups.factors import NormalizationFactor
-from _helpers import fit_error, newton_fit
+from _helpers import fit_error, newton_fit, single_leaf
 
 
 def _x64(fn):
@@ -196,7 +196,8 @@ def test_affine_groups_precondition_equals_materialized_kronecker_product(family
   first = (_random_normalization(5, rng) if family is psgd.scan
            else jnp.asarray(np.triu(rng.standard_normal((5, 5))) + 3 * np.eye(5)))
   q = psgd.KronState((first, jnp.asarray(rng.uniform(0.5, 2, 3))), jnp.zeros((2,)))
-  assert [f.shape for f in state.preconditioner.factors] == [f.shape for f in q.factors]
+  assert ([f.shape for f in single_leaf(state.preconditioner).factors]
+          == [f.shape for f in q.factors])
   g = jnp.asarray(rng.standard_normal(shape))
   np.testing.assert_allclose(np.asarray(group.precondition(q, g)).reshape(-1),
                              np.asarray(group.materialize(q)) @ np.asarray(g).reshape(-1),
@@ -299,7 +300,7 @@ def test_lra_fits_both_tails_of_the_spectrum_unlike_diag():
       ("diag", psgd.diag(geometry="eq", curvature="newton", update_probability=1.0,
                          precond_lr=1.0, precond_dtype=jnp.float64), psgd.diag_group((n,)))]:
     _, state = newton_fit(tx, group, hessian, (n,), 6000, 2000)
-    p = np.asarray(group.materialize(state.preconditioner))
+    p = np.asarray(group.materialize(single_leaf(state.preconditioner)))
     root = np.linalg.cholesky(p)
     eigenvalues = np.linalg.eigvalsh(root.T @ hessian @ root)
     conds[name] = eigenvalues.max() / eigenvalues.min()
@@ -321,7 +322,7 @@ def test_whole_model_lra_through_optax_flatten_fits_cross_leaf_curvature():
   run = jax.jit(lambda s: jax.lax.fori_loop(
       0, 20_000, lambda _, s: tx.update(params, s, params, value_fn=loss)[1], s))
   state = run(tx.init(params))
-  p = psgd.lra_group((7,), rank=3).materialize(state.preconditioner)
+  p = psgd.lra_group((7,), rank=3).materialize(single_leaf(state.preconditioner))
   assert fit_error(p, np.asarray(hessian)) < 1e-6
 
 
@@ -396,7 +397,8 @@ def test_affine_pairs_gives_scan_the_joined_layout_of_dense_and_conv_layers():
   wrapped, plain = psgd.affine_pairs(scan()), scan()
   wrapped_state, plain_state = wrapped.init(params), plain.init(join(params))
   for state in (wrapped_state.inner_state, plain_state):  # normalization ⊗ diagonal
-    assert [f.shape for f in state.preconditioner["affine"][0].factors] == [(2, 19), (4,)]
+    per_leaf = psgd.preconditioner_per_leaf(state, join(params))
+    assert [f.shape for f in per_leaf["affine"][0].factors] == [(2, 19), (4,)]
   wrapped_update = jax.jit(lambda g, s, p: wrapped.update(g, s, p, value_fn=loss))
   plain_update = jax.jit(lambda g, s, p: plain.update(
       g, s, p, value_fn=lambda joined: loss(split(joined))))

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import psgd_optax as psgd
+from _helpers import single_leaf
 from psgd_optax._src.groups.geometry import procrustes_step
 from psgd_optax._src.normalize import spectral_norm_lower_bound
 
@@ -75,7 +76,7 @@ def _fit_many(geometry, steps=300, shape=(6, 5)):
     return tx.update(grad, state)[1]
 
   state = jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s))(tx.init(jnp.zeros(shape)))
-  return state.preconditioner.factors
+  return single_leaf(state.preconditioner).factors
 
 
 def test_eq_geometry_keeps_q_upper_triangular_with_positive_diagonal():
@@ -101,7 +102,7 @@ def test_diagonal_factors_stay_positive():
   for _ in range(200):
     grad = jnp.asarray(rng.standard_normal(50) * np.logspace(-4, 4, 50), jnp.float32)
     _, state = tx.update(grad, state)
-  (d,) = state.preconditioner.factors
+  (d,) = single_leaf(state.preconditioner).factors
   assert np.all(np.asarray(d) > 0)
 
 

@@ -101,14 +101,14 @@ def affine_pairs(inner: optax.GradientTransformation, *, kernel_name: str = "ker
     >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
     >>> tx = psgd.affine_pairs(psgd.scan())
     >>> state = tx.init(params)
-    >>> [f.shape for f in state.inner_state.preconditioner["affine"][0].factors]
+    >>> [f.shape for f in state.inner_state.preconditioner["leaves_0"].factors]  # [kernel; bias]
     [(2, 5), (3,)]
     >>> updates, state = tx.update({"dense": {"kernel": jnp.ones((4, 3)),
     ...                                       "bias": jnp.ones(3)}}, state, params)
     >>> updates["dense"]["kernel"].shape, updates["dense"]["bias"].shape
     ((4, 3), (3,))
     >>> conv = {"kernel": jnp.ones((3, 3, 2, 8)), "bias": jnp.zeros(8)}  # 3×3 window, 2 → 8
-    >>> [f.shape for f in tx.init(conv).inner_state.preconditioner["affine"][0].factors]
+    >>> [f.shape for f in tx.init(conv).inner_state.preconditioner["leaves_0"].factors]
     [(2, 19), (8,)]
   """
   inner = optax.with_extra_args_support(inner)

@@ -213,20 +213,21 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       pass a callable in ``static_args``.
     bucketing: run leaves of the same shape and group structure as one stack through one
       ``vmap``ped fit, so a model of many identical blocks traces (and compiles) the fit
-      once per distinct shape rather than once per leaf (preconditioning stays per leaf:
-      it is cheap to trace and faster unbatched). Results are the same as leaf by leaf.
-    state_layout: ``"per_leaf"`` (default): ``state.preconditioner`` and ``state.scale_set``
-      are params-shaped, one group state per leaf. ``"per_bucket"`` (needs
-      ``bucketing=True``): each bucket's states are stored stacked, in dicts keyed
-      ``"leaves_i_j_..."`` by the bucket's leaf indices in params flatten order
-      (:func:`psgd_optax.preconditioner_per_leaf` gives the per-leaf view), and a bucket
-      is preconditioned as one batched product. The step then neither stacks the states
-      before the fit nor cuts every leaf's state out after it (on XLA each cut is its own
-      kernel to compile), so deep models compile faster: 32 identical blocks in 1.3–1.6×
-      the time of 4, against 1.7–2.0× per leaf (``benchmarks/scale.py``). It also keeps its
-      structure under ``flax.nnx.Optimizer``, which hands a per-leaf state's group
-      NamedTuples back as its own containers, so a jitted nnx step compiles once instead
-      of twice. Same states as ``"per_leaf"`` (bit for bit on CPU in the tests); updates
+      once per distinct shape rather than once per leaf. Results are the same as leaf by
+      leaf up to the rounding of a batched product against separate ones.
+    state_layout: ``"per_bucket"`` (default): ``state.preconditioner`` and
+      ``state.scale_set`` are dicts keyed ``"leaves_i_j_..."`` by each bucket's leaf
+      indices in params flatten order, holding the bucket's states stacked (with
+      ``bucketing=False`` every leaf is a bucket of one);
+      :func:`psgd_optax.preconditioner_per_leaf` gives the params-shaped view. A bucket is
+      preconditioned as one batched product. ``"per_leaf"``: both are params-shaped, one
+      group state per leaf, and each leaf is preconditioned on its own; the step then
+      stacks every bucket's states before the fit and cuts each leaf's state out after it,
+      and on XLA each cut is its own kernel to compile, so 32 identical blocks compile in
+      1.7–2.0× the time of 4 against 1.2–1.6× per bucket (``benchmarks/scale.py``).
+      ``flax.nnx.Optimizer`` also hands a per-leaf state's group NamedTuples back as its own
+      containers, so a jitted nnx step compiles twice; a per-bucket state keeps its
+      structure. Same states in both layouts (bit for bit on CPU in the tests); updates
       equal up to the rounding of a batched product against separate ones.
     bucket_batch_size: how many of a bucket's leaves are computed at once. ``None``
       (default): the whole bucket as one batched (``vmap``) product. An int ``k``: a loop
@@ -255,7 +256,7 @@ def preconditioner(
     stacked: Any = None,
     preconditioner_sharding: Any = None,
     bucketing: bool = True,
-    state_layout: str = "per_leaf",
+    state_layout: str = "per_bucket",
     bucket_batch_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A PSGD preconditioner on the groups given by ``group_for_shape``.
@@ -285,7 +286,7 @@ def preconditioner(
     ...   return psgd.kron_group(shape, kinds=kinds)
     >>> tx = psgd.preconditioner(group_for_shape)
     >>> state = tx.init(jnp.zeros((50, 8)))
-    >>> [q.shape for q in state.preconditioner.factors]
+    >>> [q.shape for q in state.preconditioner["leaves_0"].factors]  # the one leaf's bucket
     [(50,), (8, 8)]
   """
   check_engine_options(curvature=curvature, update_probability=update_probability,
@@ -299,9 +300,6 @@ def preconditioner(
     raise ValueError(f"bucketing must be a bool, got {bucketing!r}.")
   if state_layout not in STATE_LAYOUTS:
     raise ValueError(f"state_layout must be one of {STATE_LAYOUTS}, got {state_layout!r}.")
-  if state_layout == "per_bucket" and not bucketing:
-    raise ValueError("state_layout='per_bucket' stores each bucket's states stacked, so it "
-                     "needs bucketing=True.")
   per_bucket = state_layout == "per_bucket"
   if bucket_batch_size is not None and (isinstance(bucket_batch_size, bool) or not isinstance(
       bucket_batch_size, numbers.Integral) or bucket_batch_size < 1):

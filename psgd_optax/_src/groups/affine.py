@@ -94,8 +94,9 @@ scan = preconditioner_family(
   Example:
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
-    >>> state = psgd.scan().init({"theta": jnp.zeros((5, 3))})  # 4 inputs + bias, 3 outputs
-    >>> [f.shape for f in state.preconditioner["theta"].factors]
+    >>> params = {"theta": jnp.zeros((5, 3))}  # 4 inputs + bias, 3 outputs
+    >>> state = psgd.scan().init(params)
+    >>> [f.shape for f in psgd.preconditioner_per_leaf(state, params)["theta"].factors]
     [(2, 5), (3,)]
 
   References:
@@ -125,7 +126,7 @@ scaw = preconditioner_family(
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> state = psgd.scaw().init(jnp.zeros((5, 3)))
-    >>> [f.shape for f in state.preconditioner.factors]
+    >>> [f.shape for f in state.preconditioner["leaves_0"].factors]
     [(5, 5), (3,)]
 
   References:

@@ -222,7 +222,7 @@ lra = preconditioner_family(
     >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
     >>> tx = optax.flatten(psgd.lra(rank=2, curvature="newton"))
     >>> state = tx.init(params)
-    >>> state.preconditioner.u.shape   # one LRA over all 15 parameters
+    >>> state.preconditioner["leaves_0"].u.shape   # one LRA over all 15 parameters
     (15, 2)
 
   References:

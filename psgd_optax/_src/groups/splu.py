@@ -296,7 +296,8 @@ splu = preconditioner_family(
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> state = psgd.splu(order=2).init(jnp.zeros(5))
-    >>> state.preconditioner.l1.shape, state.preconditioner.l2.shape
+    >>> q = state.preconditioner["leaves_0"]
+    >>> q.l1.shape, q.l2.shape
     ((2, 2), (3, 2))
 
   References:

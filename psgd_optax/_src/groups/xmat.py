@@ -203,7 +203,8 @@ xmat = preconditioner_family(
     >>> import psgd_optax as psgd
     >>> tx = psgd.xmat(curvature="newton", update_probability=1.0, precond_lr=0.5)
     >>> state = tx.init(jnp.zeros(4))
-    >>> state.preconditioner.a.shape, state.preconditioner.b.shape
+    >>> q = state.preconditioner["leaves_0"]
+    >>> q.a.shape, q.b.shape
     ((4,), (4,))
 
   References:
@@ -231,8 +232,9 @@ butterfly = preconditioner_family(
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> tx = psgd.butterfly()
-    >>> state = tx.init({"w": jnp.zeros((3, 3))})
-    >>> state.preconditioner["w"].a.shape
+    >>> params = {"w": jnp.zeros((3, 3))}
+    >>> state = tx.init(params)
+    >>> psgd.preconditioner_per_leaf(state, params)["w"].a.shape
     (9,)
 
   References:
