@@ -54,12 +54,12 @@ CHECK = textwrap.dedent("""
             psgd.kron(curvature="newton", update_probability=0.5), optax.scale(-0.2)),
         "ready_secant": lambda: psgd.optimizers.kron(
             learning_rate=0.02, curvature="secant", weight_decay=1e-3),
-        "sharded_factors": lambda: optax.chain(
+        "sharded_per_leaf": lambda: optax.chain(
+            psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0,
+                      state_layout="per_leaf"), optax.scale(-0.05)),
+        "sharded_per_bucket": lambda: optax.chain(  # the default layout
             psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0),
             optax.scale(-0.05)),
-        "sharded_per_bucket": lambda: optax.chain(
-            psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0,
-                      state_layout="per_bucket"), optax.scale(-0.05)),
         "lra_diag": lambda: optax.chain(psgd.lra(rank=2), optax.scale(-0.05)),
         "fop_snr": lambda: optax.chain(psgd.snr(), psgd.fop(0.05), optax.scale(-0.05)),
     }
@@ -151,7 +151,7 @@ def _assert_layouts_and_training(case, result):
   assert result["follows_params"], (case, result)
   assert result["moved"] > 1e-2, (case, result)  # the runs did train
   assert result["p_error"] < 1e-6, (case, result)  # rtol 1e-5, atol 1e-6
-  if case in ("sharded_factors", "sharded_per_bucket"):
+  if case in ("sharded_per_leaf", "sharded_per_bucket"):
     # The 32×32 factors and the (8, ...) stacks of per-layer factors are split over "x".
     assert result["factor_specs"] == ["('x',)"], (case, result)
   else:
@@ -169,7 +169,7 @@ def test_state_layout_is_stable_and_training_matches_one_device(case):
 
 @pytest.mark.slow
 def test_more_state_layouts_are_stable_and_training_matches_one_device():
-  results = _run_checks("kron", "sharded_factors", "lra_diag", "fop_snr")
+  results = _run_checks("kron", "sharded_per_leaf", "lra_diag", "fop_snr")
   for case, result in results.items():
     _assert_layouts_and_training(case, result)
   assert results["fop_snr"]["params_shaped"] >= 12, results  # SNR moments, FOP's previous g
