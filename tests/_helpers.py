@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-import psgd_optax as psgd
+from psgd_optax._src.engine import entries_per_leaf
 
 
 def random_symmetric(n, eigenvalues, rng):
@@ -26,7 +26,7 @@ def single_leaf(state_entries):
 
 def scale_set_per_leaf(state, params):
   """``state.scale_set`` as a params-shaped tree of flags, whatever the state's layout."""
-  return psgd.preconditioner_per_leaf(state._replace(preconditioner=state.scale_set), params)
+  return entries_per_leaf(state.scale_set, params)
 
 
 def matrix_abs(h):

@@ -130,8 +130,13 @@ def preconditioner_per_leaf(state: PSGDState, params) -> Any:
     >>> [f.shape for f in per_leaf["b"].factors]
     [(3, 3), (4, 4)]
   """
+  return entries_per_leaf(state.preconditioner, params)
+
+
+def entries_per_leaf(entries, params) -> Any:
+  """A per-bucket state field (``preconditioner`` or ``scale_set``) as a params-shaped tree;
+  a per-leaf field is returned as it is."""
   leaves, treedef = jax.tree.flatten(params)
-  entries = state.preconditioner
   if not isinstance(entries, dict) or not all(str(key).startswith(_BUCKET_PREFIX + "_")
                                               for key in entries):
     return entries
