@@ -462,10 +462,16 @@ def preconditioner(
     fit_now = (state.count == 0) | (jax.random.uniform(coin_key) < probability)
     lr = jnp.asarray(value_at(precond_lr, state.count), dtype)
 
+    # A per-bucket state is preconditioned per bucket stack, so its gradients are stacked
+    # once, here, for the fit and the preconditioning alike; a per-leaf state is
+    # preconditioned leaf by leaf, so its gradients are stacked on fitting steps only.
+    stacked_grads = ([gather(grads, indices) for indices in buckets] if per_bucket
+                     else None)
+
     def fit(carry):
       q_old, scale_set = carry
-      # Gradients are stacked here, on fitting steps only; preconditioning below is per leaf.
-      grad_buckets = [gather(grads, indices) for indices in buckets]
+      grad_buckets = (stacked_grads if per_bucket
+                      else [gather(grads, indices) for indices in buckets])
       pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
                          curvature_args, memory, buckets=buckets)
       vectors = [sharding_lib.replicated(v) for v in pair.vectors]
@@ -512,8 +518,8 @@ def preconditioner(
       # Preconditioned per bucket stack: cutting each leaf's Q out of its stack would be a
       # kernel per leaf and factor; this way only each leaf's direction is cut.
       precondition = lambda group, q, g: group.precondition(q, g)
-      directions = scatter([bucket_fn(precondition, groups, flags, indices)(
-          q, gather(grads, indices)) for indices, q in zip(buckets, q_buckets)],
+      directions = scatter([bucket_fn(precondition, groups, flags, indices)(q, g)
+                            for indices, q, g in zip(buckets, q_buckets, stacked_grads)],
                            buckets, len(leaves))
     else:
       q_leaves = scatter(q_buckets, buckets, len(leaves))
