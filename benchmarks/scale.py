@@ -11,7 +11,10 @@ looped one leaf per trip with ``bucket_batch_size=1``) and with ``"per_leaf"``, 
 ``bucketing=False``, it times ``jax.jit(step).lower(...).compile()`` of one training step
 (gradient, ``psgd.kron`` preconditioner update with a fit, optax apply), keeps the fastest
 of ``--rounds`` interleaved compiles, and prints each configuration's time relative to its
-own time at the smallest ``N``, all in this one process.
+own time at the smallest ``N``, all in this one process. The same step with ``optax.adam``
+is timed beside them as a reference: its growth with ``N`` is the model's own (forward,
+backward and a per-leaf update), and the last two columns are each configuration's time
+over it (the preconditioner's own share) and that share relative to the smallest ``N``.
 
 ``--versus psgdax`` instead times one jitted training step (gradient + optimizer) of
 ``psgd.optimizers.kron`` (each ``state_layout``, and per bucket with ``bucket_batch_size=1``)
@@ -56,15 +59,22 @@ def loss_fn(params, x):
 # (bucketing, state_layout, bucket_batch_size) configurations, in the order printed.
 CONFIGURATIONS = ((True, "per_bucket", None), (True, "per_bucket", 1), (True, "per_leaf", None),
                   (False, "per_bucket", None))
+# The same training step with optax.adam: how much of the growth with depth is the model's own.
+ADAM = (None, None, None)
 
 
 def compile_seconds(blocks, width, family, bucketing, state_layout="per_bucket",
                     bucket_batch_size=None):
+  """Seconds to lower and compile one training step; ``family="adam"`` times the same step
+  with ``optax.adam`` instead (the model's own compile time, for reference)."""
   params = make_params(blocks, width)
-  factory = {"kron": psgd.kron, "diag": psgd.diag}[family]
-  tx = optax.chain(factory(update_probability=1.0, bucketing=bucketing,
-                           state_layout=state_layout, bucket_batch_size=bucket_batch_size),
-                   optax.scale(-1e-3))
+  if family == "adam":
+    tx = optax.adam(1e-3)
+  else:
+    factory = {"kron": psgd.kron, "diag": psgd.diag}[family]
+    tx = optax.chain(factory(update_probability=1.0, bucketing=bucketing,
+                             state_layout=state_layout, bucket_batch_size=bucket_batch_size),
+                     optax.scale(-1e-3))
   state = tx.init(params)
   x = jnp.ones((8, width))
 
@@ -164,20 +174,27 @@ def main():
   print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
         f"psgd.{args.family}, compile time of one training step")
   print(f"{'blocks':>6} {'bucketing':>10} {'state_layout':>13} {'batch':>6} {'compile s':>10}"
+        f" {'vs ' + str(args.blocks[0]) + ' blocks':>12} {'over adam s':>12}"
         f" {'vs ' + str(args.blocks[0]) + ' blocks':>12}")
   compile_seconds(2, args.width, args.family, True)  # warm up JAX itself
   seconds = {}
   for _ in range(args.rounds):  # interleaved, so every configuration sees the same load
     for blocks in args.blocks:
-      for config in CONFIGURATIONS:
-        took = compile_seconds(blocks, args.width, args.family, *config)
+      for config in CONFIGURATIONS + (ADAM,):
+        family = "adam" if config == ADAM else args.family
+        took = compile_seconds(blocks, args.width, family, *config)
         seconds[blocks, config] = min(took, seconds.get((blocks, config), np.inf))
   for blocks in args.blocks:
-    for config in CONFIGURATIONS:
+    for config in CONFIGURATIONS + (ADAM,):
       ratio = seconds[blocks, config] / seconds[args.blocks[0], config]
-      print(f"{blocks:>6} {str(config[0]):>10} {config[1]:>13} {str(config[2]):>6}"
-            f" {seconds[blocks, config]:>10.2f}"
-            f" {ratio:>11.2f}×", flush=True)
+      label = (f"{'optax.adam (the model alone)':>38}" if config == ADAM else
+               f"{str(config[0]):>10} {config[1]:>13} {str(config[2]):>6}")
+      extra = seconds[blocks, config] - seconds[blocks, ADAM]
+      smallest = seconds[args.blocks[0], config] - seconds[args.blocks[0], ADAM]
+      over_adam = ("" if config == ADAM else
+                   f" {extra:>12.2f} {extra / smallest:>11.2f}×")
+      print(f"{blocks:>6} {label} {seconds[blocks, config]:>10.2f} {ratio:>11.2f}×{over_adam}",
+            flush=True)
 
 
 if __name__ == "__main__":
