@@ -1,5 +1,4 @@
-"""Test-session set-up: one JAX compilation cache shared by the session's processes, and the
-longest test modules scheduled first.
+"""Test-session set-up: one JAX compilation cache shared by the session's processes.
 
 Most of the suite's time is XLA compiling small training steps, and many tests compile
 programs that another test (or another parametrization, xdist worker or subprocess) has
@@ -32,14 +31,3 @@ def pytest_unconfigure(config):
   if hasattr(config, "workerinput") or not os.environ.pop(_OWN_CACHE, None):
     return
   shutil.rmtree(os.environ.pop("JAX_COMPILATION_CACHE_DIR"), ignore_errors=True)
-
-
-# Modules whose tests take 10–30 s each (examples at small settings, fresh interpreters for the
-# 8-device mesh, notebooks). Run first, so that xdist's last minutes are not one worker
-# finishing a long test while the other sits idle.
-_LONG_MODULES = ("test_examples.py", "test_mesh_sharding.py", "test_notebooks.py")
-
-
-def pytest_collection_modifyitems(config, items):
-  del config
-  items.sort(key=lambda item: item.path.name not in _LONG_MODULES)  # stable: order kept within
