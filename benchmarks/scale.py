@@ -27,7 +27,14 @@ float32 everywhere (psgdax's matmuls at float32 precision, not its TF32 default)
 the median and the fastest step time (over all rounds; the fastest is the least disturbed
 by other load on a shared machine), the optimizer state's bytes and XLA's peak memory
 estimate for the compiled step (arguments + outputs + temporaries − aliased), each as
-ours / theirs, all optimizers interleaved in this one process.
+ours / theirs, all optimizers interleaved in this one process. Beside them: XLA's temporary
+buffer for the step (``temp MB``) and the process's minor page faults per timed step
+(``faults``). On CPU, XLA allocates that temporary buffer afresh for every call, and glibc's
+``malloc`` serves a block above its mmap threshold (at most 32 MiB by default) with new pages
+from the kernel each time, so a step whose temporaries exceed it pays a page fault per 4 KiB it
+touches, on every step. ``MALLOC_MMAP_THRESHOLD_=268435456 python benchmarks/scale.py
+--versus psgdax`` raises the threshold for both optimizers alike (the allocator then reuses
+the block) and shows the step without that cost.
 """
 
 from __future__ import annotations
@@ -91,12 +98,13 @@ def _state_bytes(state):
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
-def _peak_bytes(step, params, state):
+def _memory_bytes(step, params, state):
+  """XLA's estimates for the compiled step: (peak, temporaries) in bytes."""
   stats = jax.jit(step).lower(params, state).compile().memory_analysis()
   if stats is None:
-    return float("nan")
+    return float("nan"), float("nan")
   return (stats.argument_size_in_bytes + stats.output_size_in_bytes
-          + stats.temp_size_in_bytes - stats.alias_size_in_bytes)
+          + stats.temp_size_in_bytes - stats.alias_size_in_bytes), stats.temp_size_in_bytes
 
 
 def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
@@ -106,7 +114,7 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
   print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
         f"{rounds} interleaved rounds of {steps} timed steps; ratios are ours / psgdax")
   print(f"{'model':<12}{'p':>5}{'optimizer':>16}{'median ms':>11}{'min ms':>9}"
-        f"{'state MB':>10}{'peak MB':>9}")
+        f"{'state MB':>10}{'peak MB':>9}{'temp MB':>9}{'faults':>8}")
   builders = {"mlp": step_time.mlp_model, "transformer": step_time.transformer_model}
   for model in models:
     build = builders[model]
@@ -131,17 +139,21 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
           updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
           return optax.apply_updates(params, updates), state
         state = tx.init(params)
+        peak, temp = _memory_bytes(step, params, state)
         rows[name] = {"step": step_time.optimizer_step(tx, loss_fn, False), "state": state,
-                      "bytes": _state_bytes(state), "peak": _peak_bytes(step, params, state),
-                      "times": []}
+                      "bytes": _state_bytes(state), "peak": peak, "temp": temp,
+                      "times": [], "faults": []}
       for _ in range(rounds):  # interleaved, so all see the same machine load
         for row in rows.values():
-          row["times"] += step_time.step_milliseconds(row["step"], (params, row["state"]), steps)
+          row["times"] += step_time.step_milliseconds(row["step"], (params, row["state"]), steps,
+                                                      faults=row["faults"])
       for row in rows.values():
         row["median"], row["min"] = np.median(row["times"]), np.min(row["times"])
+        row["faults"] = sum(row["faults"]) / len(row["times"])  # per timed step
       for name, row in rows.items():
         print(f"{model:<12}{probability:>5}{name:>16}{row['median']:>11.2f}"
-              f"{row['min']:>9.2f}{row['bytes'] / 1e6:>10.2f}{row['peak'] / 1e6:>9.1f}")
+              f"{row['min']:>9.2f}{row['bytes'] / 1e6:>10.2f}{row['peak'] / 1e6:>9.1f}"
+              f"{row['temp'] / 1e6:>9.1f}{row['faults']:>8.0f}")
       theirs = rows["psgdax"]
       for layout in ("per_bucket", "per_leaf", "looped"):
         ours = rows[f"ours {layout}"]

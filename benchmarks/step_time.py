@@ -19,6 +19,7 @@ overhead is ``kron(p=0.1) − adam``, printed as a ratio to the floor for median
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import jax
@@ -81,16 +82,25 @@ def transformer_model(key, width=256, heads=4, blocks=4, batch=8, tokens=128, vo
   return params, loss_fn
 
 
-def step_milliseconds(step, carry, steps, warmup=3):
-  """Each of ``steps`` timed steps' wall time in ms, after ``warmup`` untimed ones."""
+def minor_page_faults():
+  """The process's minor page faults so far (pages the kernel had to map in)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def step_milliseconds(step, carry, steps, warmup=3, faults=None):
+  """Each of ``steps`` timed steps' wall time in ms, after ``warmup`` untimed ones; the timed
+  steps' minor page faults are appended to the list ``faults`` when one is given."""
   for _ in range(warmup):
     carry = step(*carry)
   jax.block_until_ready(carry)
   times = []
+  faults_before = minor_page_faults()
   for _ in range(steps):
     start = time.perf_counter()
     carry = jax.block_until_ready(step(*carry))
     times.append((time.perf_counter() - start) * 1e3)
+  if faults is not None:
+    faults.append(minor_page_faults() - faults_before)
   return times
 
 
