@@ -32,9 +32,11 @@ buffer for the step (``temp MB``) and the process's minor page faults per timed 
 (``faults``). On CPU, XLA allocates that temporary buffer afresh for every call, and glibc's
 ``malloc`` serves a block above its mmap threshold (at most 32 MiB by default) with new pages
 from the kernel each time, so a step whose temporaries exceed it pays a page fault per 4 KiB it
-touches, on every step. ``MALLOC_MMAP_THRESHOLD_=268435456 python benchmarks/scale.py
---versus psgdax`` raises the threshold for both optimizers alike (the allocator then reuses
-the block) and shows the step without that cost.
+touches, on every step. ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
+python benchmarks/scale.py --versus psgdax`` raises the threshold for both optimizers alike
+(the allocator then reuses the block) and shows the step without that cost; the mmap
+threshold alone is not enough, since setting it fixes the trim threshold at 128 KiB and the
+freed block goes back to the kernel after every step instead.
 """
 
 from __future__ import annotations
