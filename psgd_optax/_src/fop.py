@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psgd_optax._src.linalg import trace
 from psgd_optax._src.sharding import like, replicated
 from psgd_optax._src.trees import all_finite, rebuild, value_at
 from psgd_optax._src.validation import check_float_dtype, check_integer, check_number
@@ -183,7 +184,7 @@ def _fop_parametrization(shape, m, *, rank, normalized, spatial, max_dim, init_s
     if normalized:
       # ‖P‖_F from the small k×k Gram matrix: ‖c I + M Mᵀ‖² = c²n + 2c‖M‖² + ‖MᵀM‖².
       gram = m_.T @ m_
-      norm_sq = (identity_part ** 2 * rows + 2 * identity_part * jnp.trace(gram)
+      norm_sq = (identity_part ** 2 * rows + 2 * identity_part * trace(gram)
                  + jnp.sum(gram ** 2))
       tiny = jnp.finfo(m_.dtype).tiny
       product = product * (math.sqrt(rows) * jax.lax.rsqrt(jnp.maximum(norm_sq, tiny)))
