@@ -504,8 +504,10 @@ def preconditioner(
         q_start = optax.tree.where(was_set, q, initial)
         q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
         moved_ok = usable & all_finite(q_moved)
-        return (optax.tree.where(moved_ok, q_moved, optax.tree.where(usable, q_start, q)),
-                was_set | usable)
+        # where(usable, q_start, q), written from q and initial rather than q_start so
+        # that XLA can recompute it in the final select instead of keeping q_start live.
+        kept = optax.tree.where(usable & ~was_set, initial, q)
+        return optax.tree.where(moved_ok, q_moved, kept), was_set | usable
 
       fitted = [bucket_fn(fit_leaf, groups, flags, indices)(q, was_set, v, h, v_independent)
                 for indices, q, was_set, v, h, v_independent
