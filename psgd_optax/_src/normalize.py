@@ -43,14 +43,17 @@ def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 2) -> jax.Arra
   """
   scale = jnp.max(jnp.abs(matrix))
   safe_scale = jnp.where(scale > 0, scale, 1.0).astype(matrix.dtype)
-  a = matrix / safe_scale
-  row_norms = jnp.sum(a * a, axis=1)
-  x = a[jnp.argmax(row_norms)]
-  tiny = _tiny(a.dtype)
+  # A = matrix / scale is applied as matrix @ (x / scale): the vector is rescaled, not the
+  # matrix, so XLA keeps no rescaled copy of the matrix (every product stays ≤ n·‖x‖).
+  scaled = lambda x: matrix @ (x / safe_scale)
+  scaled_transpose = lambda y: matrix.T @ (y / safe_scale)
+  row_norms = jnp.sum(jnp.square(matrix / safe_scale), axis=1)
+  x = matrix[jnp.argmax(row_norms)] / safe_scale
+  tiny = _tiny(matrix.dtype)
   for _ in range(num_iters):
-    x = a.T @ (a @ x)
+    x = scaled_transpose(scaled(x))
     x = x / (jnp.linalg.norm(x) + tiny)
-  bound = jnp.linalg.norm(a @ x) / (jnp.linalg.norm(x) + tiny)
+  bound = jnp.linalg.norm(scaled(x)) / (jnp.linalg.norm(x) + tiny)
   bound = jnp.maximum(bound, jnp.sqrt(jnp.max(row_norms)))
   return jnp.where(scale > 0, safe_scale * bound, 0.0).astype(matrix.dtype)
 
