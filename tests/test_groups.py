@@ -121,6 +121,42 @@ def test_procrustes_step_reduces_asymmetry_and_keeps_qtq():
     np.testing.assert_allclose(moved.T @ moved, q.T @ q, rtol=1e-3, atol=1e-3 * float(jnp.max(q.T @ q)))
 
 
+def _procrustes_reference(q, max_step=0.125):
+  """The rotation written out: R = (Qᵀ − Q)/b, a from the exact traces, Q + aRQ + a²R²Q/2."""
+  generator = q.T - q
+  generator = generator / float(spectral_norm_lower_bound(jnp.asarray(generator)))
+  rq = generator @ q
+  rrq = generator @ rq
+  slope, curvature = np.trace(rq), np.trace(rrq)
+  angle = min(-slope / curvature, max_step) if curvature < 0 else max_step
+  return q + angle * rq + 0.5 * angle ** 2 * rrq
+
+
+@pytest.mark.parametrize("asymmetry", [1e-3, 0.3, 3.0])  # line-searched, clipped, non-SPD
+def test_procrustes_step_matches_the_written_out_rotation(asymmetry):
+  # The step never forms RQ or R²Q (it applies I + aR + a²R²/2 to Q and reads the traces
+  # elementwise); in float64 it must agree with the direct formula to rounding.
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((12, 12))
+    q = a @ a.T / 12 + np.eye(12) + asymmetry * rng.standard_normal((12, 12))
+    for scale in (1e-12, 1.0, 1e12):
+      moved = np.asarray(procrustes_step(jnp.asarray(scale * q)))
+      np.testing.assert_allclose(moved, _procrustes_reference(scale * q), rtol=1e-11,
+                                 atol=1e-11 * scale)
+
+
+def test_procrustes_step_leaves_a_nearly_symmetric_q_finite_and_unrotated():
+  # S = (Qᵀ − Q)/max|Q| is tiny here and its products underflow; the step must then not
+  # rotate (the slope tr(RQ) is 0 in float32), nor turn 0/0 into NaN.
+  q = np.diag(np.linspace(1.0, 2.0, 6)).astype(np.float32)
+  q[0, 1] = 1e-30
+  moved = procrustes_step(jnp.asarray(q))
+  assert np.all(np.isfinite(np.asarray(moved)))
+  np.testing.assert_allclose(np.asarray(moved), q, rtol=1e-6, atol=1e-30)
+  np.testing.assert_array_equal(np.asarray(procrustes_step(jnp.eye(4))), np.eye(4))
+
+
 def test_spectral_norm_lower_bound_is_a_tight_lower_bound():
   rng = np.random.default_rng(5)
   for n in (1, 3, 17, 64):

@@ -33,7 +33,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from psgd_optax._src.linalg import trace
 from psgd_optax._src.normalize import spectral_norm_lower_bound
 
 GEOMETRIES = ("q0.5eq1.5", "eq", "quad")
@@ -54,18 +53,25 @@ def procrustes_step(q: jax.Array, max_step: float = 0.125) -> jax.Array:
   Returns:
     The rotated matrix.
   """
-  tiny = jnp.finfo(q.dtype).tiny
-  generator = q.T - q
-  generator = generator / (spectral_norm_lower_bound(generator) + tiny)
-  rq = generator @ q
-  rrq = generator @ rq
-  slope = trace(rq)  # ≥ 0 in exact arithmetic: tr(QᵀQ) ≥ tr(Q²)
-  curvature = trace(rrq)
+  # R is kept as S = (Qᵀ − Q)/max|Q| (entries ≤ 2, made in one pass over Q) and the
+  # scalar 1/‖S‖, so S is the only copy of the skew part; every product below is of S.
+  magnitude = jnp.max(jnp.abs(q))
+  skew = (q.T - q) / jnp.where(magnitude > 0, magnitude, 1.0)
+  norm = spectral_norm_lower_bound(skew)
+  inverse_norm = jnp.where(norm > 0, 1.0 / jnp.where(norm > 0, norm, 1.0), 0.0)
+  # The line search's traces are read elementwise (S skew, S² symmetric):
+  # tr(SQ) = Σᵢⱼ SᵢⱼQⱼᵢ = −Σᵢⱼ SᵢⱼQᵢⱼ and tr(S²Q) = Σᵢⱼ (S²)ᵢⱼQᵢⱼ, so no SQ is formed.
+  squared = skew @ skew
+  slope = -jnp.sum(skew * q) * inverse_norm  # tr(RQ) ≥ 0 in exact arithmetic
+  curvature = jnp.sum(squared * q) * inverse_norm * inverse_norm  # tr(R²Q)
   concave = curvature < 0
   best = -slope / jnp.where(concave, curvature, -1.0)
   angle = jnp.where(concave, jnp.minimum(best, max_step), max_step)
-  angle = jnp.where(slope > 0, angle, 0.0).astype(q.dtype)
-  return q + angle * (rq + 0.5 * angle * rrq)
+  angle = jnp.where(slope > 0, angle, 0.0)
+  # exp(aR)·Q ≈ (I + aR + a²R²/2)·Q as one product, with aR = (a/‖S‖)·S.
+  scaled_angle = (angle * inverse_norm).astype(q.dtype)
+  eye = jnp.eye(q.shape[0], dtype=q.dtype)
+  return (eye + scaled_angle * (skew + (0.5 * scaled_angle) * squared)) @ q
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,14 +96,16 @@ class Geometry:
 
   def dense_step(self, q: jax.Array, direction: jax.Array, step) -> jax.Array:
     """Moves a dense factor against the relative gradient ``direction``."""
+    # Q − μE·Q is applied as (I − μE)·Q: the elementwise I − μE replaces E in the product,
+    # so neither E nor E·Q is kept beside Q (the same product, one n×n array fewer).
+    eye = jnp.eye(q.shape[0], dtype=q.dtype)
     if self.name == "eq":
-      return q - step * (jnp.triu(direction) @ q)
+      return (eye - step * jnp.triu(direction)) @ q
     if self.name == "quad":
-      half = 0.5 * step
-      moved = q - half * (direction @ q)
-      moved = moved - half * (moved @ direction)
+      gain = eye - 0.5 * step * direction
+      moved = gain @ q @ gain
       return 0.5 * (moved + moved.T)
-    return procrustes_step(q - step * (direction @ q))
+    return procrustes_step((eye - step * direction) @ q)
 
   def diagonal_step(self, d: jax.Array, direction: jax.Array, step) -> jax.Array:
     """Moves a diagonal factor against ``direction``; stays positive for ``step·|E| < 1``."""
