@@ -70,14 +70,15 @@ class CurvaturePair:
 
   Attributes:
     vectors: the probes ``v``.
-    products: ``h``, the curvature applied to ``v`` (or the gradient), before damping.
+    products: ``h``, the curvature applied to ``v``, before damping; ``None`` when ``h`` is
+      the (averaged) gradient itself, which the engine already holds stacked per bucket.
     integrate_probe: whether the fit may replace ``vvᵀ`` by its expectation ``I``.
     valid: a boolean scalar; ``False`` when there is no pair this step (e.g. the first
       step of ``"secant"``), so ``Q`` must not move.
   """
 
   vectors: Sequence[jax.Array]
-  products: Sequence[jax.Array]
+  products: Sequence[jax.Array] | None
   integrate_probe: bool
   valid: Any = True
 
@@ -159,7 +160,7 @@ class Whitening(_Stateless):
     del params, treedef, extra_args, memory
     probes = _probe_leaves(key, grads, dtype, buckets)
     # With the independent damping v′ is independent of both g and v anyway.
-    return CurvaturePair(probes, list(grads), integrate_probe=True)
+    return CurvaturePair(probes, None, integrate_probe=True)  # h = g
 
 
 def _check_value_fn(name, params, value_fn) -> None:

@@ -475,9 +475,13 @@ def preconditioner(
       pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
                          curvature_args, memory, buckets=buckets)
       vectors = [sharding_lib.replicated(v) for v in pair.vectors]
-      products = [sharding_lib.replicated(h) for h in average(pair.products)]
       v_buckets = [gather(vectors, indices) for indices in buckets]
-      h_buckets = [gather(products, indices) for indices in buckets]
+      if pair.products is None:
+        # h is the gradient: the bucket stacks already made, not a second copy of each.
+        h_buckets = average(grad_buckets)
+      else:
+        products = [sharding_lib.replicated(h) for h in average(pair.products)]
+        h_buckets = [gather(products, indices) for indices in buckets]
       # Checked per bucket stack, not per leaf: one reduction per distinct shape. Averaged
       # products are non-finite on every replica at once; a gradient may be non-finite on
       # one replica only, so its flag is shared.
