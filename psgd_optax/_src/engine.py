@@ -72,6 +72,14 @@ def _initial_scale(v: jax.Array, h: jax.Array, integrate_probe: bool) -> jax.Arr
   return jnp.where(peak > 0, scale, jnp.inf)
 
 
+def _select_leading(flag: jax.Array, new, old):
+  """``where(flag, new, old)`` over a state whose arrays lead with ``flag``'s axes (a
+  bucket's or a stacked leaf's, or none)."""
+  def select(a, b):
+    return jnp.where(flag.reshape(flag.shape + (1,) * (a.ndim - flag.ndim)), a, b)
+  return jax.tree.map(select, new, old)
+
+
 STATE_LAYOUTS = ("per_leaf", "per_bucket")
 _BUCKET_PREFIX = "leaves"
 
@@ -449,11 +457,7 @@ def preconditioner(
                 for leaf, q, flag in zip(leaves, stored, flags)]
       q_leaves = [restore(group, q) for group, q in zip(groups, stored)]
       set_leaves = treedef.flatten_up_to(state.scale_set)
-      # Each bucket's Q is stacked once, before the cond, so that the fit and the cond's
-      # operands see one array per bucket rather than one per leaf.
       buckets = buckets_of(groups, flags, q_leaves, set_leaves, grads)
-      q_buckets = [gather(q_leaves, indices) for indices in buckets]
-      set_buckets = [gather(set_leaves, indices) for indices in buckets]
     memory = rebuild(lambda: source.init(updates, dtype), jax.tree.leaves(state.curvature))
 
     key = jax.random.fold_in(jax.random.key(seed), state.count)
@@ -470,6 +474,10 @@ def preconditioner(
 
     def fit(carry):
       q_old, scale_set = carry
+      if not per_bucket:
+        # Stacked inside the fit, so that a step that does not fit copies nothing.
+        q_old = [gather(q_old, indices) for indices in buckets]
+        scale_set = [gather(scale_set, indices) for indices in buckets]
       grad_buckets = (stacked_grads if per_bucket
                       else [gather(grads, indices) for indices in buckets])
       pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
@@ -508,18 +516,31 @@ def preconditioner(
         q_start = optax.tree.where(was_set, q, initial)
         q_moved = group.update(q_start, v, h, lr, integrate_probe=pair.integrate_probe)
         moved_ok = usable & all_finite(q_moved)
-        # where(usable, q_start, q), written from q and initial rather than q_start so
-        # that XLA can recompute it in the final select instead of keeping q_start live.
-        kept = optax.tree.where(usable & ~was_set, initial, q)
-        return optax.tree.where(moved_ok, q_moved, kept), was_set | usable
+        # Q is replaced by the moved state or, on a first usable fit whose move was not
+        # finite, by the initial one. The caller selects against the Q it holds, so the
+        # fit's own copy (a per-leaf state's stack) need not stay live to the end.
+        replaced = moved_ok | (usable & ~was_set)
+        return optax.tree.where(moved_ok, q_moved, initial), replaced, was_set | usable
 
       fitted = [bucket_fn(fit_leaf, groups, flags, indices)(q, was_set, v, h, v_independent)
                 for indices, q, was_set, v, h, v_independent
                 in zip(buckets, q_old, scale_set, v_buckets, h_buckets, independent)]
-      return [q for q, _ in fitted], [was_set for _, was_set in fitted]
+      candidates, replaced, set_new = (list(column) for column in zip(*fitted))
+      if per_bucket:
+        return [_select_leading(flag, new, old)
+                for flag, new, old in zip(replaced, candidates, q_old)], set_new
+      count = len(leaves)
+      return ([_select_leading(flag, new, old) for flag, new, old in
+               zip(scatter(replaced, buckets, count), scatter(candidates, buckets, count),
+                   carry[0])],
+              scatter(set_new, buckets, count))
 
-    q_buckets, set_buckets = jax.lax.cond(fit_now, fit, lambda carry: carry,
-                                          (q_buckets, set_buckets))
+    if per_bucket:
+      q_buckets, set_buckets = jax.lax.cond(fit_now, fit, lambda carry: carry,
+                                            (q_buckets, set_buckets))
+    else:
+      q_leaves, set_leaves = jax.lax.cond(fit_now, fit, lambda carry: carry,
+                                          (q_leaves, set_leaves))
     if per_bucket:
       # Preconditioned per bucket stack: cutting each leaf's Q out of its stack would be a
       # kernel per leaf and factor; this way only each leaf's direction is cut.
@@ -528,7 +549,6 @@ def preconditioner(
                             for indices, q, g in zip(buckets, q_buckets, stacked_grads)],
                            buckets, len(leaves))
     else:
-      q_leaves = scatter(q_buckets, buckets, len(leaves))
       # Preconditioned leaf by leaf: the products are few to trace, and on CPU a batched
       # (vmapped) product of a bucket ran slower than its separate products.
       directions = [per_layer(group.precondition, flag)(q, g)
@@ -540,7 +560,7 @@ def preconditioner(
       scale_set = bucket_dict(set_buckets, buckets)
     else:
       preconditioner = treedef.unflatten(q_leaves)
-      scale_set = treedef.unflatten(scatter(set_buckets, buckets, len(leaves)))
+      scale_set = treedef.unflatten(set_leaves)
     new_state = PSGDState(
         count=optax.safe_increment(state.count),
         preconditioner=jax.tree.map(place, preconditioner),
