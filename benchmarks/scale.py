@@ -32,13 +32,14 @@ psgdax in a pair of its own (psgdax is timed again beside each), so that one lay
 allocations do not change the page faults of another. Beside them: XLA's temporary
 buffer for the step (``temp MB``) and the process's minor page faults per timed step
 (``faults``). On CPU, XLA allocates that temporary buffer afresh for every call, and glibc's
-``malloc`` serves a block above its mmap threshold (at most 32 MiB by default) with new pages
-from the kernel each time, so a step whose temporaries exceed it pays a page fault per 4 KiB it
-touches, on every step. ``MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824
-python benchmarks/scale.py --versus psgdax`` raises the threshold for both optimizers alike
-(the allocator then reuses the block) and shows the step without that cost; the mmap
-threshold alone is not enough, since setting it fixes the trim threshold at 128 KiB and the
-freed block goes back to the kernel after every step instead.
+``malloc`` can give it new pages from the kernel each time: a block above the main arena's
+mmap threshold (at most 32 MiB by default) is mapped per call, and XLA's worker threads
+allocate from per-thread arenas whose heaps (64 MiB at most) are created and unmapped as
+blocks come and go; every new page touched is a fault. ``MALLOC_ARENA_MAX=1
+MALLOC_MMAP_THRESHOLD_=268435456 MALLOC_TRIM_THRESHOLD_=1073741824 python benchmarks/scale.py
+--versus psgdax`` keeps every block in one arena for both optimizers alike and shows the step
+without faults (the thresholds alone do not reach the per-thread arenas; the mmap threshold
+alone also pins the trim threshold at 128 KiB, and freed blocks go back to the kernel).
 """
 
 from __future__ import annotations

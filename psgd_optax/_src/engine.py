@@ -234,10 +234,10 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
       ``bucketing=False`` every leaf is a bucket of one);
       :func:`psgd_optax.preconditioner_per_leaf` gives the params-shaped view. A bucket is
       preconditioned as one batched product. ``"per_leaf"``: both are params-shaped, one
-      group state per leaf, and each leaf is preconditioned on its own; the step then
-      stacks every bucket's states before the fit and cuts each leaf's state out after it,
-      and on XLA each cut is its own kernel to compile, so 32 identical blocks compile in
-      1.7–2.0× the time of 4 against 1.2–1.6× per bucket (``benchmarks/scale.py``).
+      group state per leaf, and each leaf is preconditioned on its own; a fitting step
+      then stacks each bucket's states inside the fit and cuts each leaf's state out after
+      it, and on XLA each cut is its own kernel to compile, so 32 identical blocks compile
+      in 1.7–2.0× the time of 4 against 1.2–1.6× per bucket (``benchmarks/scale.py``).
       ``flax.nnx.Optimizer`` also hands a per-leaf state's group NamedTuples back as its own
       containers, so a jitted nnx step compiles twice; a per-bucket state keeps its
       structure. Same states in both layouts (bit for bit on CPU in the tests); updates
@@ -245,12 +245,12 @@ ENGINE_ARGS_DOC = """    curvature: ``"whitening"`` (fit to gradients), ``"newto
     bucket_batch_size: how many of a bucket's leaves are computed at once. ``None``
       (default): the whole bucket as one batched (``vmap``) product. An int ``k``: a loop
       (``lax.map``) over the bucket, ``k`` leaves per trip, still traced and compiled once.
-      Smaller ``k`` keeps fewer leaves' temporaries live (peak memory), and ``1`` runs
-      every product unbatched, which XLA's CPU backend can run faster than batched ones
-      (the update alone of four 512×512 layers on a fitting step: 124 ms at 1, 148 ms
-      vmapped; in whole training steps, ``benchmarks/scale.py --versus``, the gap did not
-      show through the machine's noise). With ``optax.inject_hyperparams`` pass it in
-      ``static_args``.
+      Smaller ``k`` keeps fewer leaves' working arrays live at once, but the loop holds the
+      bucket's stacked inputs and outputs besides, so it need not lower the peak: the MLP
+      step of ``benchmarks/scale.py --versus`` (four 512×512 leaves in one bucket) has
+      38.2 MB of XLA temporaries at ``k = 1`` against 29.5 MB vmapped, and on CPU runs
+      1.2× slower. On an H100 the loop was the faster layout at update probability 0.1
+      (``BENCHMARKS.md``). With ``optax.inject_hyperparams`` pass it in ``static_args``.
 """
 
 

@@ -1,4 +1,4 @@
-"""Small matrix helpers shared by the groups and the first-order preconditioners."""
+"""Small matrix helpers for the preconditioners (``trace``: the normalized FOP uses it)."""
 
 from __future__ import annotations
 
