@@ -473,11 +473,12 @@ def preconditioner(
                      else None)
 
     def fit(carry):
-      q_old, scale_set = carry
-      if not per_bucket:
-        # Stacked inside the fit, so that a step that does not fit copies nothing.
-        q_old = [gather(q_old, indices) for indices in buckets]
-        scale_set = [gather(scale_set, indices) for indices in buckets]
+      held_q, held_set = carry
+      if per_bucket:
+        q_old, scale_set = held_q, held_set
+      else:  # stacked inside the fit, so that a step that does not fit copies nothing
+        q_old = [gather(held_q, indices) for indices in buckets]
+        scale_set = [gather(held_set, indices) for indices in buckets]
       grad_buckets = (stacked_grads if per_bucket
                       else [gather(grads, indices) for indices in buckets])
       pair = source.pair(probe_key, average(source_grads), params, treedef, dtype,
@@ -526,21 +527,18 @@ def preconditioner(
                 for indices, q, was_set, v, h, v_independent
                 in zip(buckets, q_old, scale_set, v_buckets, h_buckets, independent)]
       candidates, replaced, set_new = (list(column) for column in zip(*fitted))
-      if per_bucket:
-        return [_select_leading(flag, new, old)
-                for flag, new, old in zip(replaced, candidates, q_old)], set_new
-      count = len(leaves)
-      return ([_select_leading(flag, new, old) for flag, new, old in
-               zip(scatter(replaced, buckets, count), scatter(candidates, buckets, count),
-                   carry[0])],
-              scatter(set_new, buckets, count))
+      if not per_bucket:  # back to the layout of the Q held
+        candidates, replaced, set_new = (scatter(column, buckets, len(leaves))
+                                         for column in (candidates, replaced, set_new))
+      return [_select_leading(flag, new, old)
+              for flag, new, old in zip(replaced, candidates, held_q)], set_new
 
+    held = (q_buckets, set_buckets) if per_bucket else (q_leaves, set_leaves)
+    held = jax.lax.cond(fit_now, fit, lambda carry: carry, held)
     if per_bucket:
-      q_buckets, set_buckets = jax.lax.cond(fit_now, fit, lambda carry: carry,
-                                            (q_buckets, set_buckets))
+      q_buckets, set_buckets = held
     else:
-      q_leaves, set_leaves = jax.lax.cond(fit_now, fit, lambda carry: carry,
-                                          (q_leaves, set_leaves))
+      q_leaves, set_leaves = held
     if per_bucket:
       # Preconditioned per bucket stack: cutting each leaf's Q out of its stack would be a
       # kernel per leaf and factor; this way only each leaf's direction is cut.
