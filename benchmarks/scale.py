@@ -103,21 +103,27 @@ def _state_bytes(state):
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
-def _memory_bytes(step, params, state):
+def _memory_bytes(step, params, state, donate=False):
   """XLA's estimates for the compiled step: (peak, temporaries) in bytes."""
-  stats = jax.jit(step).lower(params, state).compile().memory_analysis()
+  stats = (jax.jit(step, donate_argnums=(0, 1) if donate else ())
+           .lower(params, state).compile().memory_analysis())
   if stats is None:
     return float("nan"), float("nan")
   return (stats.argument_size_in_bytes + stats.output_size_in_bytes
           + stats.temp_size_in_bytes - stats.alias_size_in_bytes), stats.temp_size_in_bytes
 
 
-def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
+LAYOUTS = ("per_bucket", "per_leaf", "looped")
+
+
+def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer"),
+                  layouts=LAYOUTS, donate=False):
   import psgdax  # pylint: disable=import-outside-toplevel
   import step_time  # pylint: disable=import-outside-toplevel
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
-        f"{rounds} interleaved rounds of {steps} timed steps; ratios are ours / psgdax")
+        f"{rounds} interleaved rounds of {steps} timed steps; ratios are ours / psgdax"
+        + ("; params and state donated" if donate else ""))
   print(f"{'model':<12}{'p':>5}{'optimizer':>16}{'median ms':>11}{'min ms':>9}"
         f"{'state MB':>10}{'peak MB':>9}{'temp MB':>9}{'faults':>8}")
   builders = {"mlp": step_time.mlp_model, "transformer": step_time.transformer_model}
@@ -129,10 +135,10 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
           learning_rate=1e-3, momentum=0.9, update_probability=probability,
           precond_lr=0.1, max_skew=1.0, max_update_rms=1.0, state_layout=layout,
           bucket_batch_size=batch_size)
-      optimizers = {
-          "ours per_bucket": ours("per_bucket"),
-          "ours per_leaf": ours("per_leaf"),
-          "ours looped": ours("per_bucket", 1),
+      layout_args = {"per_bucket": ("per_bucket",), "per_leaf": ("per_leaf",),
+                     "looped": ("per_bucket", 1)}
+      optimizers = {f"ours {layout}": ours(*layout_args[layout]) for layout in layouts}
+      optimizers |= {
           "psgdax": psgdax.kron(
               learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
               preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
@@ -144,11 +150,11 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
           updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
           return optax.apply_updates(params, updates), state
         state = tx.init(params)
-        peak, temp = _memory_bytes(step, params, state)
-        rows[name] = {"step": step_time.optimizer_step(tx, loss_fn, False), "state": state,
-                      "bytes": _state_bytes(state), "peak": peak, "temp": temp}
+        peak, temp = _memory_bytes(step, params, state, donate)
+        rows[name] = {"step": step_time.optimizer_step(tx, loss_fn, False, donate),
+                      "state": state, "bytes": _state_bytes(state), "peak": peak, "temp": temp}
       theirs = rows["psgdax"]
-      for layout in ("per_bucket", "per_leaf", "looped"):
+      for layout in layouts:
         # Each layout is timed in its own interleaved pair with psgdax: one layout whose
         # temporaries exceed the mmap threshold changes the heap the others reuse, and in a
         # four-way rotation the default layout's page faults went from 484 to 2,106 per step.
@@ -157,8 +163,11 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer")):
         faults = {name: [] for name in pair}
         for _ in range(rounds):  # interleaved, so both see the same machine load
           for name, row in pair.items():
-            times[name] += step_time.step_milliseconds(row["step"], (params, row["state"]),
-                                                       steps, faults=faults[name])
+            carry = (params, row["state"])
+            if donate:  # the step consumes its arguments: each round starts from a copy
+              carry = jax.tree.map(jnp.copy, carry)
+            times[name] += step_time.step_milliseconds(row["step"], carry, steps,
+                                                       faults=faults[name])
         summary = {name: (np.median(times[name]), np.min(times[name]),
                           sum(faults[name]) / len(times[name]))  # faults per timed step
                    for name in pair}
@@ -187,13 +196,18 @@ def main():
   parser.add_argument("--probabilities", type=float, nargs="+", default=[1.0, 0.1])
   parser.add_argument("--models", nargs="+", default=["mlp", "transformer"],
                       choices=["mlp", "transformer"], help="models to time (--versus)")
+  parser.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=LAYOUTS,
+                      help="our layouts to time, each beside psgdax (--versus)")
+  parser.add_argument("--donate", action="store_true",
+                      help="jit both steps with their params and state donated (--versus)")
   parser.add_argument("--rounds", type=int, default=3,
                       help="compile (or, with --versus, time) each configuration this many"
                       " times, interleaved; compile times keep the fastest (they move by ±20%%"
                       " from run to run)")
   args = parser.parse_args()
   if args.versus:
-    versus_psgdax(args.steps, args.probabilities, args.rounds, args.models)
+    versus_psgdax(args.steps, args.probabilities, args.rounds, args.models, args.layouts,
+                  args.donate)
     return
   print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
         f"psgd.{args.family}, compile time of one training step")

@@ -109,14 +109,15 @@ def time_steps(step, carry, steps, warmup=3):
   return np.median(times), np.mean(times)
 
 
-def optimizer_step(tx, loss_fn, newton):
-  @jax.jit
+def optimizer_step(tx, loss_fn, newton, donate=False):
+  """One jitted training step; with ``donate`` its params and state buffers are donated (the
+  outputs reuse them, as a training loop that drops the old state can let them)."""
   def step(params, state):
     grads = jax.grad(loss_fn)(params)
     extra = {"value_fn": loss_fn} if newton else {}
     updates, state = tx.update(grads, state, params, **extra)
     return optax.apply_updates(params, updates), state
-  return step
+  return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def floor_step(params):

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The GPU measurements still open in issue 5, as one run that fits a short GPU lease (about
+# ten minutes on an H100 with the compiles): the MLP of scale.py at update probability 0.1,
+# the default layout and the looped bucket, each beside psgdax,
+#   1. as recorded before (the step's arguments not donated);
+#   2. with params and state donated (stable buffer addresses for XLA:GPU's command buffers);
+#   3. with conditionals kept out of the command buffers (a step that does not fit should
+#      not pay for updating the fit's recorded commands);
+# then the compile time of 4 vs 32 blocks.
+#
+#     bash benchmarks/gpu.sh [LOG_DIR]
+#
+# Needs psgdax importable (pip install psgdax); psgd_optax is read from this checkout.
+# Each part is under its own time limit, so one slow compile does not cost the others.
+set -uo pipefail
+cd "$(dirname "$0")"
+export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# Our products would run in TF32 on the GPU by default while psgdax is set to float32.
+export JAX_DEFAULT_MATMUL_PRECISION=highest
+log_dir="${1:-.}"
+mkdir -p "$log_dir"
+versus=(python scale.py --versus psgdax --models mlp --probabilities 0.1
+        --layouts per_bucket looped --steps ${STEPS:-30} --rounds ${ROUNDS:-3})
+part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, logged to NAME.txt
+  local name=$1 seconds=$2
+  shift 2
+  echo "== $name: $*"
+  timeout "$seconds" "$@" 2>&1 | grep -v "^PSGD " | tee "$log_dir/$name.txt"
+}
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
+python -c "import jax, optax, psgdax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
+part baseline 150 "${versus[@]}"
+part donated 150 "${versus[@]}" --donate
+part no_conditional_command_buffers 150 \
+  env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=-CONDITIONAL" "${versus[@]}"
+part compile 150 python scale.py --blocks 4 32 --rounds 1
