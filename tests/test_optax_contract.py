@@ -1,5 +1,7 @@
 """Every public factory and ready optimizer behaves like an optax transformation."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,6 +135,29 @@ def test_state_dtypes_and_shapes_are_stable_across_update_and_lax_cond(name):
   chosen = jax.jit(lambda p: jax.lax.cond(p, lambda: tx.update(grads, state, PARAMS)[1],
                                           lambda: state))(True)
   assert spec(chosen) == spec(state)
+
+
+@pytest.mark.parametrize("name", CORE + ["lra"])
+def test_donated_step_reuses_every_state_buffer_and_equals_the_plain_step(name):
+  # Training loops jit their step with the params and state donated: every state buffer
+  # must be reusable for its output (same shape and dtype, none held twice), and reusing
+  # them must not change a bit of the result.
+  tx = FACTORIES[name](update_probability=0.5)
+
+  def step(params, state):
+    updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
+    return optax.apply_updates(params, updates), state
+
+  plain, donated = jax.jit(step), jax.jit(step, donate_argnums=(0, 1))
+  expected = (PARAMS, tx.init(PARAMS))
+  carry = jax.tree.map(jnp.copy, expected)
+  with warnings.catch_warnings():
+    warnings.filterwarnings("error", message=".*donated buffers were not usable")
+    for _ in range(4):
+      consumed = jax.tree.leaves(carry)
+      expected, carry = plain(*expected), donated(*carry)
+      assert all(leaf.is_deleted() for leaf in consumed)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), expected, carry))
 
 
 @pytest.mark.parametrize("name", FACTORIES)
