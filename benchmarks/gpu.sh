@@ -10,16 +10,18 @@
 #
 #     bash benchmarks/gpu.sh [LOG_DIR]
 #
-# Needs psgdax importable (pip install psgdax); psgd_optax is read from this checkout.
+# Needs psgdax importable (pip install psgdax); psgd_optax is read from this checkout, and
+# PYTHON (default python3) names the interpreter.
 # Each part is under its own time limit, so one slow compile does not cost the others.
 set -uo pipefail
+log_dir="${1:-.}"
+mkdir -p "$log_dir" && log_dir="$(cd "$log_dir" && pwd)"
 cd "$(dirname "$0")"
 export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 # Our products would run in TF32 on the GPU by default while psgdax is set to float32.
 export JAX_DEFAULT_MATMUL_PRECISION=highest
-log_dir="${1:-.}"
-mkdir -p "$log_dir"
-versus=(python scale.py --versus psgdax --models mlp --probabilities 0.1
+python="${PYTHON:-python3}"
+versus=("$python" scale.py --versus psgdax --models mlp --probabilities 0.1
         --layouts per_bucket looped --steps ${STEPS:-30} --rounds ${ROUNDS:-3})
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, logged to NAME.txt
   local name=$1 seconds=$2
@@ -28,9 +30,9 @@ part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, logge
   timeout "$seconds" "$@" 2>&1 | grep -v "^PSGD " | tee "$log_dir/$name.txt"
 }
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null
-python -c "import jax, optax, psgdax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
+"$python" -c "import jax, optax, psgdax; print('jax', jax.__version__, 'optax', optax.__version__, jax.devices())"
 part baseline 150 "${versus[@]}"
 part donated 150 "${versus[@]}" --donate
 part no_conditional_command_buffers 150 \
   env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=-CONDITIONAL" "${versus[@]}"
-part compile 150 python scale.py --blocks 4 32 --rounds 1
+part compile 150 "$python" scale.py --blocks 4 32 --rounds 1
