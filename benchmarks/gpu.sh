@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements still open in issue 5, as one run that fits a short GPU lease (about
-# ten minutes on an H100 with the compiles): the MLP of scale.py at update probability 0.1,
+# The GPU measurements still open in issue 5, as one run that fits a short GPU lease (each
+# part at most 150 s; not yet run on a GPU): the MLP of scale.py at update probability 0.1,
 # the default layout and the looped bucket, each beside psgdax,
 #   1. as recorded before (the step's arguments not donated);
 #   2. with params and state donated (stable buffer addresses for XLA:GPU's command buffers);
 #   3. with conditionals kept out of the command buffers (a step that does not fit should
 #      not pay for updating the fit's recorded commands);
+#   4. with command buffers off (the kernels alone: 0.73x psgdax on the H100 in 2026-11);
 # then the compile time of 4 vs 32 blocks.
 #
 #     bash benchmarks/gpu.sh [LOG_DIR]
@@ -35,4 +36,6 @@ part baseline 150 "${versus[@]}"
 part donated 150 "${versus[@]}" --donate
 part no_conditional_command_buffers 150 \
   env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=-CONDITIONAL" "${versus[@]}"
+part no_command_buffers 150 \
+  env XLA_FLAGS="${XLA_FLAGS:-} --xla_gpu_enable_command_buffer=" "${versus[@]}"
 part compile 150 "$python" scale.py --blocks 4 32 --rounds 1
