@@ -4,7 +4,9 @@ The mesh needs 8 (fake CPU) devices, which JAX fixes when its backend starts, so
 run in a fresh interpreter. Params are sharded ``P(None, "x")`` (and the bias ``P("x")``);
 for every case the state's shardings must be the same after ``init``, after jitted
 updates and from ``init`` on ``ShapeDtypeStruct``s, params-shaped state must carry the
-params' sharding, and 20 training steps must match the same run on one device.
+params' sharding, and 20 training steps must match the same run on one device. The
+default layout's case trains as a loop that donates its params and state, and every
+donated buffer must be reused.
 """
 
 import json
@@ -25,7 +27,10 @@ CHECK = textwrap.dedent("""
     import jax.numpy as jnp, numpy as np, optax
     from jax.sharding import NamedSharding, PartitionSpec as P
     import psgd_optax as psgd
+    import warnings
 
+    # A donated step must reuse every buffer it is given (state and params keep their layout).
+    warnings.filterwarnings("error", message=".*donated buffers were not usable")
     steps = 20
     key = jax.random.key(0)
     inputs = jax.random.normal(key, (steps, 32, 16))
@@ -64,25 +69,31 @@ CHECK = textwrap.dedent("""
         "fop_snr": lambda: optax.chain(psgd.snr(), psgd.fop(0.05), optax.scale(-0.05)),
     }
 
-    def train(params, tx, needs_value_fn):
+    def layout(tree):  # shapes, dtypes and shardings, which outlive a donated state
+      return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+                          tree)
+
+    def train(params, tx, needs_value_fn, donate):
       def step(params, state, x, y):
         grads = jax.grad(loss)(params, x, y)
         extra = {"value_fn": lambda p: loss(p, x, y)} if needs_value_fn else {}
         updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
-      step = jax.jit(step)
+      step = jax.jit(step, donate_argnums=(0, 1) if donate else ())
+      params = jax.tree.map(jnp.copy, params)  # the caller's stay valid when donating
       state = jax.jit(tx.init)(params)
-      layouts = [state]
+      layouts = [layout(state)]
       for t in range(steps):
         params, state = step(params, state, inputs[t], targets[t])
         if t in (0, steps - 1):
-          layouts.append(state)
+          layouts.append(layout(state))
       return params, state, layouts
 
     def check(case):
       tx = cases[case]()
       needs_value_fn = case == "kron_newton"
-      plain_params, plain_state, _ = train(params, tx, needs_value_fn)
+      donate = case == "sharded_per_bucket"  # the default layout, as a training loop runs it
+      plain_params, plain_state, _ = train(params, tx, needs_value_fn, donate)
 
       mesh = jax.make_mesh((8,), ("x",))  # axis types: Explicit (the default)
       with jax.set_mesh(mesh):
@@ -91,7 +102,7 @@ CHECK = textwrap.dedent("""
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
                                                                  sharding=a.sharding), sharded)
         abstract_state = jax.eval_shape(tx.init, abstract)
-        mesh_params, mesh_state, layouts = train(sharded, tx, needs_value_fn)
+        mesh_params, mesh_state, layouts = train(sharded, tx, needs_value_fn, donate)
 
       def spec(sharding):
         # Layouts compared as partition specs (trailing Nones dropped); ShapeDtypeStructs
