@@ -533,32 +533,30 @@ def preconditioner(
       return [_select_leading(flag, new, old)
               for flag, new, old in zip(replaced, candidates, held_q)], set_new
 
-    held = (q_buckets, set_buckets) if per_bucket else (q_leaves, set_leaves)
-    held = jax.lax.cond(fit_now, fit, lambda carry: carry, held)
-    if per_bucket:
-      q_buckets, set_buckets = held
-    else:
-      q_leaves, set_leaves = held
+    # Per bucket stack or per leaf, in the layout of the state.
+    held_q, held_set = jax.lax.cond(
+        fit_now, fit, lambda carry: carry,
+        (q_buckets, set_buckets) if per_bucket else (q_leaves, set_leaves))
     if per_bucket:
       # Preconditioned per bucket stack: cutting each leaf's Q out of its stack would be a
       # kernel per leaf and factor; this way only each leaf's direction is cut.
       precondition = lambda group, q, g: group.precondition(q, g)
       directions = scatter([bucket_fn(precondition, groups, flags, indices)(q, g)
-                            for indices, q, g in zip(buckets, q_buckets, stacked_grads)],
+                            for indices, q, g in zip(buckets, held_q, stacked_grads)],
                            buckets, len(leaves))
     else:
       # Preconditioned leaf by leaf: the products are few to trace, and on CPU a batched
       # (vmapped) product of a bucket ran slower than its separate products.
       directions = [per_layer(group.precondition, flag)(q, g)
-                    for group, flag, q, g in zip(groups, flags, q_leaves, grads)]
+                    for group, flag, q, g in zip(groups, flags, held_q, grads)]
     preconditioned = [sharding_lib.like(direction.astype(leaf.dtype), leaf)
                       for direction, leaf in zip(directions, leaves)]
     if per_bucket:
-      preconditioner = bucket_dict(q_buckets, buckets)
-      scale_set = bucket_dict(set_buckets, buckets)
+      preconditioner = bucket_dict(held_q, buckets)
+      scale_set = bucket_dict(held_set, buckets)
     else:
-      preconditioner = treedef.unflatten(q_leaves)
-      scale_set = treedef.unflatten(set_leaves)
+      preconditioner = treedef.unflatten(held_q)
+      scale_set = treedef.unflatten(held_set)
     new_state = PSGDState(
         count=optax.safe_increment(state.count),
         preconditioner=jax.tree.map(place, preconditioner),
