@@ -99,9 +99,7 @@ CHECK = textwrap.dedent("""
       with jax.set_mesh(mesh):
         sharded = jax.tree.map(lambda a, s: jax.device_put(a, NamedSharding(mesh, s)),
                                params, specs)
-        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,
-                                                                 sharding=a.sharding), sharded)
-        abstract_state = jax.eval_shape(tx.init, abstract)
+        abstract_state = jax.eval_shape(tx.init, layout(sharded))
         mesh_params, mesh_state, layouts = train(sharded, tx, needs_value_fn, donate)
 
       def spec(sharding):
