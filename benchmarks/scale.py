@@ -103,10 +103,9 @@ def _state_bytes(state):
   return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(state))
 
 
-def _memory_bytes(step, params, state, donate=False):
+def _memory_bytes(jitted_step, params, state):
   """XLA's estimates for the compiled step: (peak, temporaries) in bytes."""
-  stats = (jax.jit(step, donate_argnums=(0, 1) if donate else ())
-           .lower(params, state).compile().memory_analysis())
+  stats = jitted_step.lower(params, state).compile().memory_analysis()
   if stats is None:
     return float("nan"), float("nan")
   return (stats.argument_size_in_bytes + stats.output_size_in_bytes
@@ -146,13 +145,11 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer"),
       }
       rows = {}
       for name, tx in optimizers.items():
-        def step(params, state, tx=tx):
-          updates, state = tx.update(jax.grad(loss_fn)(params), state, params)
-          return optax.apply_updates(params, updates), state
+        step = step_time.optimizer_step(tx, loss_fn, False, donate)
         state = tx.init(params)
-        peak, temp = _memory_bytes(step, params, state, donate)
-        rows[name] = {"step": step_time.optimizer_step(tx, loss_fn, False, donate),
-                      "state": state, "bytes": _state_bytes(state), "peak": peak, "temp": temp}
+        peak, temp = _memory_bytes(step, params, state)
+        rows[name] = {"step": step, "state": state, "bytes": _state_bytes(state),
+                      "peak": peak, "temp": temp}
       theirs = rows["psgdax"]
       for layout in layouts:
         # Each layout is timed in its own interleaved pair with psgdax: one layout whose
