@@ -115,9 +115,27 @@ def _memory_bytes(jitted_step, params, state):
 LAYOUTS = ("per_bucket", "per_leaf", "looped")
 
 
+def matched_optimizers(probability, layouts=LAYOUTS):
+  """Ours in each of ``layouts`` ("looped": per bucket, one leaf per trip) and psgdax, with
+  the matched settings of the module docstring, keyed "ours LAYOUT" and "psgdax"."""
+  import psgdax  # pylint: disable=import-outside-toplevel
+  layout_args = {"per_bucket": ("per_bucket", None), "per_leaf": ("per_leaf", None),
+                 "looped": ("per_bucket", 1)}
+  optimizers = {
+      f"ours {layout}": psgd.optimizers.kron(
+          learning_rate=1e-3, momentum=0.9, update_probability=probability, precond_lr=0.1,
+          max_skew=1.0, max_update_rms=1.0, state_layout=layout_args[layout][0],
+          bucket_batch_size=layout_args[layout][1])
+      for layout in layouts}
+  optimizers["psgdax"] = psgdax.kron(
+      learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
+      preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
+      precond_update_precision="float32", precond_grads_precision="float32")
+  return optimizers
+
+
 def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer"),
                   layouts=LAYOUTS, donate=False):
-  import psgdax  # pylint: disable=import-outside-toplevel
   import step_time  # pylint: disable=import-outside-toplevel
 
   print(f"device: {jax.devices()[0].device_kind} ({jax.devices()[0].platform}); "
@@ -130,19 +148,7 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer"),
     build = builders[model]
     params, loss_fn = build(jax.random.key(0))
     for probability in probabilities:
-      ours = lambda layout, batch_size=None: psgd.optimizers.kron(
-          learning_rate=1e-3, momentum=0.9, update_probability=probability,
-          precond_lr=0.1, max_skew=1.0, max_update_rms=1.0, state_layout=layout,
-          bucket_batch_size=batch_size)
-      layout_args = {"per_bucket": ("per_bucket",), "per_leaf": ("per_leaf",),
-                     "looped": ("per_bucket", 1)}
-      optimizers = {f"ours {layout}": ours(*layout_args[layout]) for layout in layouts}
-      optimizers |= {
-          "psgdax": psgdax.kron(
-              learning_rate=1e-3, b1=0.9, preconditioner_update_probability=probability,
-              preconditioner_lr=0.1, max_skew_triangular=1.0, grad_clip_max_amp=1.0,
-              precond_update_precision="float32", precond_grads_precision="float32"),
-      }
+      optimizers = matched_optimizers(probability, layouts)
       rows = {}
       for name, tx in optimizers.items():
         step = step_time.optimizer_step(tx, loss_fn, False, donate)
