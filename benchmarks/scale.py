@@ -76,9 +76,10 @@ ADAM = (None, None, None)
 
 
 def compile_seconds(blocks, width, family, bucketing, state_layout="per_bucket",
-                    bucket_batch_size=None):
+                    bucket_batch_size=None, place=None):
   """Seconds to lower and compile one training step; ``family="adam"`` times the same step
-  with ``optax.adam`` instead (the model's own compile time, for reference)."""
+  with ``optax.adam`` instead (the model's own compile time, for reference). ``place`` maps
+  the step's ``(params, state)`` to what it is lowered with (by default, themselves)."""
   params = make_params(blocks, width)
   if family == "adam":
     tx = optax.adam(1e-3)
@@ -94,8 +95,9 @@ def compile_seconds(blocks, width, family, bucketing, state_layout="per_bucket",
     updates, state = tx.update(jax.grad(loss_fn)(params, x), state, params)
     return optax.apply_updates(params, updates), state
 
+  arguments = (params, state) if place is None else place((params, state))
   began = time.perf_counter()
-  jax.jit(step).lower(params, state).compile()
+  jax.jit(step).lower(*arguments).compile()
   return time.perf_counter() - began
 
 
@@ -188,6 +190,35 @@ def versus_psgdax(steps, probabilities, rounds, models=("mlp", "transformer"),
               f"{our_row['peak'] / theirs['peak']:>8.2f}×", flush=True)
 
 
+def compile_table(block_counts, width, family, rounds, device, place=None):
+  """Prints the compile times of every configuration and Adam's, fastest of ``rounds``
+  interleaved compiles, for each number of blocks; ``place`` as in ``compile_seconds``."""
+  print(f"{device}; residual MLP, width {width}, psgd.{family}, compile time of one"
+        " training step")
+  print(f"{'blocks':>6} {'bucketing':>10} {'state_layout':>13} {'batch':>6} {'compile s':>10}"
+        f" {'vs ' + str(block_counts[0]) + ' blocks':>12} {'over adam s':>12}"
+        f" {'vs ' + str(block_counts[0]) + ' blocks':>12}")
+  compile_seconds(2, width, family, True, place=place)  # warm up JAX itself
+  seconds = {}
+  for _ in range(rounds):  # interleaved, so every configuration sees the same load
+    for blocks in block_counts:
+      for config in CONFIGURATIONS + (ADAM,):
+        step_family = "adam" if config == ADAM else family
+        took = compile_seconds(blocks, width, step_family, *config, place=place)
+        seconds[blocks, config] = min(took, seconds.get((blocks, config), np.inf))
+  for blocks in block_counts:
+    for config in CONFIGURATIONS + (ADAM,):
+      ratio = seconds[blocks, config] / seconds[block_counts[0], config]
+      label = (f"{'optax.adam (the model alone)':>38}" if config == ADAM else
+               f"{str(config[0]):>10} {config[1]:>13} {str(config[2]):>6}")
+      extra = seconds[blocks, config] - seconds[blocks, ADAM]
+      smallest = seconds[block_counts[0], config] - seconds[block_counts[0], ADAM]
+      over_adam = ("" if config == ADAM else
+                   f" {extra:>12.2f} {extra / smallest:>11.2f}×")
+      print(f"{blocks:>6} {label} {seconds[blocks, config]:>10.2f} {ratio:>11.2f}×{over_adam}",
+            flush=True)
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--blocks", type=int, nargs="+", default=[4, 8, 16, 32])
@@ -212,30 +243,8 @@ def main():
     versus_psgdax(args.steps, args.probabilities, args.rounds, args.models, args.layouts,
                   args.donate)
     return
-  print(f"device: {jax.devices()[0].platform}; residual MLP, width {args.width}, "
-        f"psgd.{args.family}, compile time of one training step")
-  print(f"{'blocks':>6} {'bucketing':>10} {'state_layout':>13} {'batch':>6} {'compile s':>10}"
-        f" {'vs ' + str(args.blocks[0]) + ' blocks':>12} {'over adam s':>12}"
-        f" {'vs ' + str(args.blocks[0]) + ' blocks':>12}")
-  compile_seconds(2, args.width, args.family, True)  # warm up JAX itself
-  seconds = {}
-  for _ in range(args.rounds):  # interleaved, so every configuration sees the same load
-    for blocks in args.blocks:
-      for config in CONFIGURATIONS + (ADAM,):
-        family = "adam" if config == ADAM else args.family
-        took = compile_seconds(blocks, args.width, family, *config)
-        seconds[blocks, config] = min(took, seconds.get((blocks, config), np.inf))
-  for blocks in args.blocks:
-    for config in CONFIGURATIONS + (ADAM,):
-      ratio = seconds[blocks, config] / seconds[args.blocks[0], config]
-      label = (f"{'optax.adam (the model alone)':>38}" if config == ADAM else
-               f"{str(config[0]):>10} {config[1]:>13} {str(config[2]):>6}")
-      extra = seconds[blocks, config] - seconds[blocks, ADAM]
-      smallest = seconds[args.blocks[0], config] - seconds[args.blocks[0], ADAM]
-      over_adam = ("" if config == ADAM else
-                   f" {extra:>12.2f} {extra / smallest:>11.2f}×")
-      print(f"{blocks:>6} {label} {seconds[blocks, config]:>10.2f} {ratio:>11.2f}×{over_adam}",
-            flush=True)
+  compile_table(args.blocks, args.width, args.family, args.rounds,
+                f"device: {jax.devices()[0].platform}")
 
 
 if __name__ == "__main__":

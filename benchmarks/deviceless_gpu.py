@@ -1,9 +1,12 @@
-"""How XLA:GPU lays out one training step's commands, compiled for an H100 on a machine without one.
+"""XLA:GPU compiled for an H100 on a machine without one: the commands a step launches, and
+compile time vs depth.
 
     python -m venv /tmp/cuda && . /tmp/cuda/bin/activate    # 5.6 GB, apart from the dev venv
     pip install -e . "jax[cuda12]==0.10.2" psgdax==0.1.1
-    python benchmarks/gpu_commands.py                 # MLP and transformer, p = 0.1
-    python benchmarks/gpu_commands.py --donate --xla-flags=--xla_gpu_enable_command_buffer=-CONDITIONAL
+    python benchmarks/deviceless_gpu.py               # MLP and transformer, p = 0.1
+    python benchmarks/deviceless_gpu.py --donate
+    python benchmarks/deviceless_gpu.py --xla-flags=--xla_gpu_enable_command_buffer=-CONDITIONAL
+    python benchmarks/deviceless_gpu.py --compile-blocks 4 32
 
 No GPU is used. The CUDA plugin compiles for the H100 described below (CUDA 12.8 driver and
 runtime, so conditionals can be recorded into command buffers), and XLA's dump of the thunk
@@ -25,6 +28,11 @@ per optimizer, for a step that does not fit the preconditioner:
   does not take (the larger branch: the fit);
 - ``host conds`` and ``host loops``: conditionals and loops run from the host (each
   iteration or branch reads a predicate back to the host first).
+
+``--compile-blocks`` instead runs ``scale.py``'s compile-time table (the residual MLP of N
+identical blocks, every layout, and Adam for the model's own share) through the XLA:GPU
+pipeline. Without a device there is no autotuning, so each compile is a little shorter
+than on a GPU machine; the growth with depth is what it measures.
 
 The thunk dump's text is XLA's debugging output, not an API; the parser below fits the
 plugin of jax 0.10.2 and raises if it finds no thunks.
@@ -138,54 +146,24 @@ def non_fitting_launch(thunks, launch=None, recorded=False):
   return launch
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--models", nargs="+", default=["mlp", "transformer"],
-                      choices=["mlp", "transformer"])
-  parser.add_argument("--probability", type=float, default=0.1)
-  parser.add_argument("--donate", action="store_true",
-                      help="jit the steps with their params and state donated")
-  parser.add_argument("--xla-flags", default="", help="more XLA flags for the compiles")
-  args = parser.parse_args()
-
-  dump_dir = tempfile.mkdtemp(prefix="gpu_commands_")
-  # Before jax is imported: compile for CUDA from a CPU-only process.
-  os.environ |= {"CUDA_VISIBLE_DEVICES": "-1", "JAX_PLATFORMS": "cpu",
-                 "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
-                 "XLA_FLAGS": " ".join([os.environ.get("XLA_FLAGS", ""), args.xla_flags,
-                                        f"--xla_dump_to={dump_dir}",
-                                        "--xla_dump_hlo_module_re=jit_step"])}
+def commands_table(models, probability, donate, dump_dir, place, device):
+  """Prints what a non-fitting launch of each optimizer's step runs, per model."""
   import jax  # pylint: disable=import-outside-toplevel
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
   import scale  # pylint: disable=import-outside-toplevel
   import step_time  # pylint: disable=import-outside-toplevel
 
-  try:
-    topology = topologies.get_topology_desc(platform="cuda", target_config=H100,
-                                            topology="1x1x1")
-  except (NotImplementedError, RuntimeError) as error:
-    raise SystemExit(f"no CUDA compiler: pip install \"jax[cuda12]=={jax.__version__}\" "
-                     f"({error})") from error
-  mesh = topologies.make_mesh(topology, (1,), ("device",))
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  on_gpu = lambda tree: jax.tree.map(
-      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), tree)
-
-  print(f"device: {topology.devices[0].device_kind}, compiled without a GPU (CUDA 12.8); "
-        f"jax {jax.__version__}; update probability {args.probability}; a step that does "
-        "not fit" + ("; params and state donated" if args.donate else "")
-        + (f"; {args.xla_flags}" if args.xla_flags else ""))
+  print(f"{device}; update probability {probability}; a step that does not fit"
+        + ("; params and state donated" if donate else ""))
   print(f"{'model':<12}{'optimizer':>16}{'buffers':>9}{'recorded':>10}{'untaken':>9}"
         f"{'host conds':>12}{'host loops':>12}")
   builders = {"mlp": step_time.mlp_model, "transformer": step_time.transformer_model}
-  for model in args.models:
+  for model in models:
     params, loss_fn = builders[model](jax.random.key(0))
     rows = {}
-    for name, tx in scale.matched_optimizers(args.probability).items():
+    for name, tx in scale.matched_optimizers(probability).items():
       seen = set(glob.glob(f"{dump_dir}/*.thunk_sequence_after_thunk_passes.txt"))
-      step = step_time.optimizer_step(tx, loss_fn, False, args.donate)
-      step.lower(on_gpu(params), on_gpu(jax.eval_shape(tx.init, params))).compile()
+      step = step_time.optimizer_step(tx, loss_fn, False, donate)
+      step.lower(*place((params, jax.eval_shape(tx.init, params)))).compile()
       (dump,) = set(glob.glob(f"{dump_dir}/*.thunk_sequence_after_thunk_passes.txt")) - seen
       with open(dump, encoding="utf-8") as file:
         rows[name] = launch = non_fitting_launch(parse_thunks(file.read()))
@@ -196,6 +174,52 @@ def main():
       if name != "psgdax":
         print(f"{'':<12}{'ratio ' + name[5:]:>16}{'':>9}"
               f"{ours.recorded / theirs.recorded:>9.2f}×")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--models", nargs="+", default=["mlp", "transformer"],
+                      choices=["mlp", "transformer"])
+  parser.add_argument("--probability", type=float, default=0.1)
+  parser.add_argument("--donate", action="store_true",
+                      help="jit the steps with their params and state donated")
+  parser.add_argument("--xla-flags", default="", help="more XLA flags for the compiles")
+  parser.add_argument("--compile-blocks", type=int, nargs="+", default=None,
+                      help="instead, time scale.py's compiles for these numbers of blocks")
+  parser.add_argument("--rounds", type=int, default=3,
+                      help="compiles per configuration, the fastest kept (--compile-blocks)")
+  args = parser.parse_args()
+
+  dump_dir = tempfile.mkdtemp(prefix="deviceless_gpu_")
+  dump = ([] if args.compile_blocks else  # the compile times are taken without a dump
+          [f"--xla_dump_to={dump_dir}", "--xla_dump_hlo_module_re=jit_step"])
+  # Before jax is imported: compile for CUDA from a CPU-only process.
+  os.environ |= {"CUDA_VISIBLE_DEVICES": "-1", "JAX_PLATFORMS": "cpu",
+                 "JAX_SKIP_CUDA_CONSTRAINTS_CHECK": "1",
+                 "XLA_FLAGS": " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                     args.xla_flags, *dump]))}
+  import jax  # pylint: disable=import-outside-toplevel
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+  import scale  # pylint: disable=import-outside-toplevel
+
+  try:
+    topology = topologies.get_topology_desc(platform="cuda", target_config=H100,
+                                            topology="1x1x1")
+  except (NotImplementedError, RuntimeError) as error:
+    raise SystemExit(f"no CUDA compiler: pip install \"jax[cuda12]=={jax.__version__}\" "
+                     f"({error})") from error
+  mesh = topologies.make_mesh(topology, (1,), ("device",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  place = lambda tree: jax.tree.map(
+      lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=replicated), tree)
+  device = (f"device: {topology.devices[0].device_kind}, compiled without a GPU (CUDA 12.8);"
+            f" jax {jax.__version__}" + (f"; {args.xla_flags}" if args.xla_flags else ""))
+  if args.compile_blocks:
+    scale.compile_table(args.compile_blocks, 64, "kron", args.rounds,
+                        device + "; no autotuning", place=place)
+  else:
+    commands_table(args.models, args.probability, args.donate, dump_dir, place, device)
 
 
 if __name__ == "__main__":
