@@ -138,7 +138,8 @@ def non_fitting_launch(thunks, launch=None, recorded=False):
         launch.host_conds += 1
       non_fitting_launch(branches[0], launch, recorded)
     elif thunk.kind == "kWhile":
-      launch.host_loops += not recorded
+      if not recorded:
+        launch.host_loops += 1
       for part in thunk.parts():
         non_fitting_launch(part, launch, recorded)
     elif thunk.children:
