@@ -85,7 +85,6 @@ class Thunk:
 def parse_thunks(text):
   """The top-level thunks of a ``*.thunk_sequence_after_thunk_passes.txt`` dump, nested."""
   top, stack, pending = [], [], None
-  current = {}  # id(parent) -> the label its next children belong to
   for line in text.splitlines():
     if match := LABEL.match(line):
       pending = match.group(1)  # for the parent of the next thunk
@@ -96,12 +95,12 @@ def parse_thunks(text):
     indent = len(match.group(1))
     while stack and stack[-1][0] >= indent:
       stack.pop()
-    parent = stack[-1][1] if stack else None
-    if parent is not None and pending is not None:
-      current[id(parent)] = pending
+    siblings = stack[-1][1].children if stack else top
+    # Without a label of its own, a thunk is in the same part as the sibling before it.
+    label = pending if pending is not None else (siblings[-1].label if siblings else "")
     pending = None
-    thunk = Thunk(match.group(2), current.get(id(parent), "") if parent else "")
-    (parent.children if parent else top).append(thunk)
+    thunk = Thunk(match.group(2), label if stack else "")
+    siblings.append(thunk)
     stack.append((indent, thunk))
   if not top:
     raise ValueError("no thunks found in the dump: its format is not the one this parser reads")
