@@ -1,17 +1,8 @@
-"""Pieces shared by the examples: the PSGD recipe, the loop over seeds, the curve plot."""
+"""Pieces shared by the examples: the loop over seeds, the curve plot."""
 
 from __future__ import annotations
 
 import numpy as np
-import optax
-
-
-def psgd_recipe(preconditioner, learning_rate, weight_decay=0.0):
-  """The chain of :func:`psgd_optax.optimizers.kron` around any preconditioner: EMA momentum
-  0.9 of ``P·g``, each leaf's update clipped to RMS 1.1, decoupled weight decay, step size."""
-  return optax.chain(preconditioner, optax.ema(0.9, debias=True),
-                     optax.clip_by_block_rms(1.1), optax.add_decayed_weights(weight_decay),
-                     optax.scale_by_learning_rate(learning_rate))
 
 
 def compare_over_seeds(optimizers, seeds, load_data, train, names=None):

@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 import psgd_optax as psgd
 from _common import (comparison_parser, compare_over_seeds, learning_rate_overrides,
-                     psgd_recipe, save_curves)
+                     save_curves)
 
 
 class Autoencoder(nnx.Module):
@@ -69,7 +69,8 @@ def optimizers(steps, learning_rates=None):
   schedule = lambda name: optax.cosine_decay_schedule(peak[name], steps)
   return {
       "psgd.kron": psgd.optimizers.kron(learning_rate=schedule("psgd.kron")),
-      "psgd.scan": psgd_recipe(psgd.affine_pairs(psgd.scan()), schedule("psgd.scan")),
+      "psgd.scan": psgd.optimizers.with_preconditioner(psgd.affine_pairs(psgd.scan()),
+                                                       schedule("psgd.scan")),
       "adam": optax.adam(schedule("adam")),
       "sgd": optax.sgd(schedule("sgd"), momentum=0.9, nesterov=True),
   }

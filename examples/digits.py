@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 import psgd_optax as psgd
 from _common import (comparison_parser, compare_over_seeds, learning_rate_overrides,
-                     psgd_recipe, save_curves)
+                     save_curves)
 
 
 class CNN(nnx.Module):
@@ -74,9 +74,13 @@ def optimizers(steps: int, learning_rates=None):
   return {
       "psgd.kron": psgd.optimizers.kron(learning_rate=schedule("psgd.kron"),
                                         weight_decay=1e-4),
-      "psgd.lra": psgd_recipe(optax.flatten(psgd.lra(rank=10)), schedule("psgd.lra"), 1e-4),
-      "psgd.xmat": psgd_recipe(optax.flatten(psgd.xmat()), schedule("psgd.xmat"), 1e-4),
-      "psgd.scan": psgd_recipe(psgd.affine_pairs(psgd.scan()), schedule("psgd.scan"), 1e-4),
+      # Any preconditioner in the ready optimizers' chain (momentum, clip, weight decay).
+      "psgd.lra": psgd.optimizers.with_preconditioner(
+          optax.flatten(psgd.lra(rank=10)), schedule("psgd.lra"), weight_decay=1e-4),
+      "psgd.xmat": psgd.optimizers.with_preconditioner(
+          optax.flatten(psgd.xmat()), schedule("psgd.xmat"), weight_decay=1e-4),
+      "psgd.scan": psgd.optimizers.with_preconditioner(
+          psgd.affine_pairs(psgd.scan()), schedule("psgd.scan"), weight_decay=1e-4),
       "sgd": optax.chain(optax.add_decayed_weights(1e-4),
                          optax.sgd(schedule("sgd"), momentum=0.9, nesterov=True)),
       "adam": optax.adamw(schedule("adam"), weight_decay=1e-4),

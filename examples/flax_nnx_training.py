@@ -13,10 +13,6 @@ An MLP classifies scikit-learn's ``load_digits``. Two ways to run PSGD-Kron:
   jitted step ``value_fn`` merges the params it is given back into the model. Its ``P·g`` is
   a Newton-sized step, so its learning rate is O(0.1–1), not Adam's.
 
-Both keep the default ``state_layout="per_bucket"``: ``nnx.Optimizer`` hands a per-leaf state
-back in its own containers after the first update, which makes a jitted step compile a second
-time; a per-bucket state keeps its structure.
-
 Prints the test accuracy and final training loss of each type and saves the loss curves to
 ``flax_nnx_training.png``. About 30 seconds on 2 CPU cores.
 """

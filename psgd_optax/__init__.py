@@ -7,28 +7,31 @@
 from psgd_optax import optimizers
 from psgd_optax._src.affine_pairs import AffinePairsState, affine_pairs
 from psgd_optax._src.curvature import CURVATURES, DAMPING_TYPES, SecantMemory
-from psgd_optax._src.engine import PSGDState, preconditioner, preconditioner_per_leaf
+from psgd_optax._src.engine import PSGDState, preconditioner
+from psgd_optax._src.families import butterfly, dense, diag, kron, lra, scan, scaw, splu, xmat
 from psgd_optax._src.fop import (HypergradientState, fop, per_parameter_hypergradient,
                                  scalar_hypergradient)
-from psgd_optax._src.groups.affine import affine_group, scan, scaw
-from psgd_optax._src.groups.dense import dense, dense_group
-from psgd_optax._src.groups.diag import diag, diag_group
+from psgd_optax._src.groups.affine import affine_group
 from psgd_optax._src.groups.geometry import GEOMETRIES
-from psgd_optax._src.groups.kron import KronGroup, KronState, factor_kinds, kron, kron_group
-from psgd_optax._src.groups.lra import LRAGroup, LRAState, lra, lra_group
-from psgd_optax._src.groups.splu import SPLUGroup, SPLUState, splu, splu_group
-from psgd_optax._src.groups.xmat import (InvolutionGroup, XState, butterfly, butterfly_group,
-                                         xmat, xmat_group)
+from psgd_optax._src.groups.kron import (KronGroup, KronState, TriangularKronState,
+                                         dense_group, diag_group, factor_kinds, kron_group)
+from psgd_optax._src.groups.lra import LRAGroup, LRAState, lra_group
+from psgd_optax._src.groups.splu import SPLUGroup, SPLUState, splu_group
+from psgd_optax._src.groups.xmat import (ButterflyState, InvolutionGroup, XState,
+                                         butterfly_group, xmat_group)
+from psgd_optax._src.options import EngineOptions
 from psgd_optax._src.snr import SNRState, snr, snr_ratio
+from psgd_optax._src.stacks import preconditioner_per_leaf, scale_set_per_leaf
 from psgd_optax._src.schedules import (bernoulli_schedule, log10_skip_schedule,
                                        periodic_schedule, update_probability_schedule)
-
-__version__ = "0.1.0"
+from psgd_optax._src.version import __version__
 
 __all__ = [
     "AffinePairsState",
+    "ButterflyState",
     "CURVATURES",
     "DAMPING_TYPES",
+    "EngineOptions",
     "GEOMETRIES",
     "HypergradientState",
     "InvolutionGroup",
@@ -41,6 +44,7 @@ __all__ = [
     "SPLUGroup",
     "SPLUState",
     "SecantMemory",
+    "TriangularKronState",
     "XState",
     "affine_group",
     "affine_pairs",
@@ -64,6 +68,7 @@ __all__ = [
     "preconditioner",
     "preconditioner_per_leaf",
     "scalar_hypergradient",
+    "scale_set_per_leaf",
     "scan",
     "scaw",
     "snr",

@@ -1,5 +1,5 @@
-"""Ready PSGD optimizers (preconditioner + momentum + weight decay + learning rate)."""
+"""Ready PSGD optimizers: a preconditioner + momentum + clipping + weight decay + step size."""
 
-from psgd_optax._src.optimizers import dense, diag, kron
+from psgd_optax._src.optimizers import dense, diag, kron, with_preconditioner
 
-__all__ = ["dense", "diag", "kron"]
+__all__ = ["dense", "diag", "kron", "with_preconditioner"]

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from psgd_optax._src.engine import entries_per_leaf
+import psgd_optax as psgd
 
 
 def random_symmetric(n, eigenvalues, rng):
@@ -18,15 +18,13 @@ def random_spd(n, cond, rng):
 
 
 def single_leaf(state_entries):
-  """The one leaf's entry of a per-bucket PSGD state field (``state.preconditioner`` or
-  ``state.scale_set``) built for a single array: the default layout keys it ``"leaves_0"``."""
-  (entry,) = state_entries.values()
-  return entry
+  """The one unit's entry of a PSGD state field (``state.preconditioner`` or
+  ``state.scale_set``) built for a single array: one stack of one member."""
+  (entry,) = state_entries
+  return jax.tree.map(lambda a: a[0], entry)
 
 
-def scale_set_per_leaf(state, params):
-  """``state.scale_set`` as a params-shaped tree of flags, whatever the state's layout."""
-  return entries_per_leaf(state.scale_set, params)
+scale_set_per_leaf = psgd.scale_set_per_leaf
 
 
 def matrix_abs(h):

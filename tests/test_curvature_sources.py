@@ -27,9 +27,11 @@ def _mlp_params():
 
 def _pairs(name, params, loss):
   leaves, treedef = jax.tree.flatten(params)
-  source = curvature_lib.make_curvature(name, None)
-  return source.pair(jax.random.key(3), leaves, params, treedef, jnp.float32,
-                     {"value_fn": loss}, ())
+  source = curvature_lib.make_curvature(name)
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  probes = lambda: [jax.random.normal(k, leaf.shape, jnp.float32)
+                    for k, leaf in zip(keys, leaves)]
+  return source.pair(probes, leaves, params, treedef, {"value_fn": loss}, (), jnp.float32)
 
 
 def test_finite_difference_agrees_with_exact_hvp_in_float32():
@@ -151,14 +153,14 @@ def test_damping_keeps_largest_eigenvalue_of_p_below_inverse_lambda(damping_type
   assert largest > 0.5 / strength, largest
 
 
-def test_nonconvex_damping_uses_an_independent_probe():
-  # The engine draws v′ per bucket stack and passes it to Damping.leaf.
+def test_nonconvex_damping_draws_its_own_independent_probe():
+  # The damping draws v′ from the key the engine gives each unit; the others ignore it.
   vector, product = jnp.ones((4,)), jnp.zeros((4,))
-  independent = jax.random.normal(jax.random.key(0), (4,))
-  damped = curvature_lib.Damping(0.5, "nonconvex").leaf(vector, product, independent)
-  traditional = curvature_lib.Damping(0.5, "traditional").leaf(vector, product)
+  key = jax.random.key(0)
+  damped = curvature_lib.Damping(0.5, "nonconvex").apply(vector, product, key)
+  traditional = curvature_lib.Damping(0.5, "traditional").apply(vector, product, key)
   np.testing.assert_allclose(traditional, 0.5 * jnp.ones(4))
-  np.testing.assert_allclose(damped, 0.5 * independent)
+  np.testing.assert_allclose(damped, 0.5 * jax.random.normal(key, (4,)))
   assert not np.allclose(damped, traditional)
 
 

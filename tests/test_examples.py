@@ -53,6 +53,7 @@ def test_delayed_xor_example_lra_solves_length_8_within_2000_steps():
   assert solved_at[0] is not None  # measured: 1068 steps
 
 
+@pytest.mark.slow  # the benchmarks' resumable runs; the library's resume: test_checkpoint.py
 def test_rnn_trainer_resumed_from_a_checkpoint_is_the_uninterrupted_run(tmp_path):
   """The delayed-XOR benchmark's rows take core-hours and resume from per-chunk checkpoints;
   a run stopped after 100 steps and resumed to 150 must be bit-identical to one 150-step run

@@ -41,21 +41,21 @@ def _x64(fn):
 
 def _random_x_state(group, rng, spread=0.3):
   mask = np.asarray(group.moved_mask(jnp.float64))
-  return psgd.XState(a=jnp.asarray(1 + 0.3 * rng.uniform(size=group.size)),
-                     b=jnp.asarray(spread * rng.standard_normal(group.size) * mask),
-                     lipschitz=jnp.zeros([]))
+  return group.state_type(jnp.asarray(1 + 0.3 * rng.uniform(size=group.size)),
+                          jnp.asarray(spread * rng.standard_normal(group.size) * mask),
+                          jnp.zeros([]))
 
 
 def _random_splu_state(group, rng, spread=0.3):
   n, r = group.size, group.r
   q = group.init(1.0, jnp.float64)
+  # Unit diagonal on the first r entries, as in a random element of each block.
+  diagonal = lambda: jnp.asarray(np.concatenate([np.ones(r), 1 + spread * rng.uniform(size=n - r)]))
   return q._replace(
-      l1=q.l1 + spread * jnp.tril(rng.standard_normal((r, r)), -1),
-      l2=jnp.asarray(spread * rng.standard_normal((n - r, r))),
-      l3=jnp.asarray(1 + spread * rng.uniform(size=n - r)),
-      u1=q.u1 + spread * jnp.triu(rng.standard_normal((r, r)), 1),
-      u2=jnp.asarray(spread * rng.standard_normal((r, n - r))),
-      u3=jnp.asarray(1 + spread * rng.uniform(size=n - r)))
+      l_diagonal=diagonal(),
+      l_columns=jnp.asarray(spread * np.tril(rng.standard_normal((n, r)), -1)),
+      u_diagonal=diagonal(),
+      u_rows=jnp.asarray(spread * np.triu(rng.standard_normal((r, n)), 1)))
 
 
 def _random_lra_state(group, rng):
@@ -115,8 +115,7 @@ def test_sparse_lu_factors_are_closed_under_products_and_inverses():
   rng = np.random.default_rng(1)
   q1, q2 = _random_splu_state(group, rng), _random_splu_state(group, rng)
   ones = group.init(1.0, jnp.float64)
-  full = ones._replace(l1=jnp.tril(jnp.ones((3, 3))), l2=jnp.ones((6, 3)),
-                       u1=jnp.triu(jnp.ones((3, 3))), u2=jnp.ones((3, 6)))
+  full = ones._replace(l_columns=jnp.ones((9, 3)), u_rows=jnp.ones((3, 9)))
   l_pattern = (np.asarray(group.l_matrix(full)) != 0).astype(float)
   u_pattern = (np.asarray(group.u_matrix(full)) != 0).astype(float)
   assert np.all(np.triu(l_pattern, 1) == 0) and np.all(np.tril(u_pattern, -1) == 0)
@@ -264,23 +263,6 @@ def test_affine_groups_newton_converge_to_inverse_hessian(family, kind, steps):
   assert errors[-1] < 1e-6, errors
 
 
-@_x64
-def test_lra_of_rank_zero_is_the_eq_diagonal_preconditioner():
-  rng = np.random.default_rng(9)
-  hessian = jnp.asarray(np.diag(rng.uniform(0.5, 5.0, 6)) + 0.1)
-  loss = lambda x: 0.5 * x @ hessian @ x
-  outputs = []
-  for tx in (psgd.lra(rank=0, curvature="newton", precond_dtype=jnp.float64),
-             psgd.diag(geometry="eq", curvature="newton", precond_dtype=jnp.float64)):
-    x = jnp.ones(6, jnp.float64)
-    state = tx.init(x)
-    for _ in range(30):
-      direction, state = tx.update(jax.grad(loss)(x), state, x, value_fn=loss)
-      x = x - 0.3 * direction
-    outputs.append(x)
-  # The same arithmetic up to the order of two float64 products.
-  np.testing.assert_allclose(outputs[0], outputs[1], rtol=1e-13)
-
 
 @_x64
 def test_lra_fits_both_tails_of_the_spectrum_unlike_diag():
@@ -295,7 +277,9 @@ def test_lra_fits_both_tails_of_the_spectrum_unlike_diag():
   hessian = np.sqrt(bulk)[:, None] * middle * np.sqrt(bulk)[None, :]
   conds = {}
   for name, tx, group in [
-      ("lra", psgd.lra(rank=10, curvature="newton", update_probability=1.0, precond_lr=1.0,
+      # precond_lr 0.5: at 1.0 the fit's outcome varies by orders of magnitude with the
+      # probes' seed (cond(PH) from 2e3 to 3e8 over seeds 0-11); at 0.5 it is 1.9e3-4.8e3.
+      ("lra", psgd.lra(rank=10, curvature="newton", update_probability=1.0, precond_lr=0.5,
                        precond_dtype=jnp.float64), psgd.lra_group((n,), rank=10)),
       ("diag", psgd.diag(geometry="eq", curvature="newton", update_probability=1.0,
                          precond_lr=1.0, precond_dtype=jnp.float64), psgd.diag_group((n,)))]:
@@ -411,10 +395,13 @@ def test_affine_pairs_gives_scan_the_joined_layout_of_dense_and_conv_layers():
     params = optax.apply_updates(params, updates)
 
 
-def test_lra_init_from_unit_equals_init_at_that_scale():
-  """The engine rescales the stored init(1.0) instead of redrawing LRA's random U, V (which
-  cost 37 ms per fit at n = 40970, rank 10); the result must be init(scale) exactly."""
+def test_lra_init_from_unset_equals_init_at_that_scale():
+  """The engine rescales the stored state of a unit whose scale is not set (init at some
+  scale: 1, or the gradient's) instead of redrawing LRA's random U, V (which cost 37 ms per
+  fit at n = 40970, rank 10); the result must be init(scale) exactly, whatever the stored
+  scale."""
   group = psgd.lra_group((7, 3), rank=4)
-  for scale in (0.25, 1.0, 3.0):
-    rescaled = group.init_from_unit(group.init(1.0, jnp.float32), jnp.float32(scale))
-    jax.tree.map(np.testing.assert_array_equal, rescaled, group.init(scale, jnp.float32))
+  for stored in (1.0, 7.5e-3):
+    for scale in (0.25, 1.0, 3.0):
+      rescaled = group.init_from_unset(group.init(stored, jnp.float32), jnp.float32(scale))
+      jax.tree.map(np.testing.assert_array_equal, rescaled, group.init(scale, jnp.float32))

@@ -1,4 +1,7 @@
-"""Bad input: invalid hyperparameters fail at construction; bad numbers never reach Q."""
+"""Bad input: invalid hyperparameters fail at construction; bad numbers never reach Q.
+
+Every factory's non-finite and extreme-scale steps are in ``test_contract.py``; these are
+the Newton products, the zero-gradient leaf, validation and the gradient spike."""
 
 import jax
 import jax.numpy as jnp
@@ -10,44 +13,11 @@ from _helpers import minimize, scale_set_per_leaf
 
 PARAMS = {"w": jnp.linspace(-1.0, 1.0, 20, dtype=jnp.float32).reshape(4, 5),
           "b": jnp.zeros((5,), jnp.float32)}
-FAMILIES = {"kron": psgd.kron, "dense": psgd.dense, "diag": psgd.diag,
-            "kron_eq": lambda **kw: psgd.kron(geometry="eq", **kw),
-            "lra": lambda **kw: psgd.lra(rank=3, **kw), "xmat": psgd.xmat,
-            "butterfly": psgd.butterfly, "splu": lambda **kw: psgd.splu(order=3, **kw),
-            "scan": psgd.scan, "scaw": psgd.scaw}
-
 
 def _grads(scale=1.0, seed=0):
   key = jax.random.key(seed)
   return {"w": scale * jax.random.normal(key, (4, 5)),
           "b": scale * jax.random.normal(jax.random.fold_in(key, 1), (5,))}
-
-
-def _warm_state(tx, steps=5):
-  state = tx.init(PARAMS)
-  for t in range(steps):
-    _, state = tx.update(_grads(seed=t), state, PARAMS)
-  return state
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_non_finite_gradients_leave_q_unchanged(name):
-  # One transformation for the three bad values, so its update compiles once.
-  tx = FAMILIES[name](update_probability=1.0)
-  state = _warm_state(tx)
-  for bad in [np.nan, np.inf, -np.inf]:
-    grads = _grads(seed=99)
-    grads["w"] = grads["w"].at[1, 2].set(bad)
-    _, new_state = tx.update(grads, state, PARAMS)
-    for before, after in zip(jax.tree.leaves(state.preconditioner),
-                             jax.tree.leaves(new_state.preconditioner)):
-      np.testing.assert_array_equal(before, after, err_msg=f"gradient with {bad}")
-    assert all(bool(jnp.all(jnp.isfinite(q)))
-               for q in jax.tree.leaves(new_state.preconditioner))
-  # The next clean step fits again.
-  _, later = tx.update(_grads(seed=100), new_state, PARAMS)
-  assert any(bool(jnp.any(a != b)) for a, b in zip(jax.tree.leaves(new_state.preconditioner),
-                                                   jax.tree.leaves(later.preconditioner)))
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
@@ -75,25 +45,6 @@ def test_value_fn_with_non_finite_curvature_leaves_q_unchanged():
   for before, after in zip(jax.tree.leaves(state.preconditioner),
                            jax.tree.leaves(new_state.preconditioner)):
     np.testing.assert_array_equal(before, after)
-
-
-@pytest.mark.parametrize("name", FAMILIES)
-def test_zero_and_extreme_gradients_give_finite_updates(name):
-  tx = FAMILIES[name](update_probability=1.0)
-  step = jax.jit(tx.update)  # compiled once for the three scales
-  for scale in [0.0, 1e-30, 1e30]:
-    state = tx.init(PARAMS)
-    for t in range(5):
-      updates, state = step(_grads(scale, seed=t), state, PARAMS)
-      assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates)), scale
-      assert all(bool(jnp.all(jnp.isfinite(q)))
-                 for q in jax.tree.leaves(state.preconditioner)), scale
-    if scale > 0:
-      # Q took the gradients' scale at once: P g is O(1) whatever the scale of g.
-      rms = [float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(updates)]
-      assert all(0.05 < r < 20 for r in rms), (scale, rms)
-    else:
-      assert all(bool(jnp.all(u == 0)) for u in jax.tree.leaves(updates))
 
 
 def test_zero_gradient_leaf_keeps_identity_until_it_has_data():
@@ -153,6 +104,26 @@ INVALID = [
     (psgd.per_parameter_hypergradient, {"learning_rate": "fast"}, "learning_rate"),
     (psgd.snr, {"b1": 1.0}, "b1"),
     (psgd.snr, {"b2": -0.1}, "b2"),
+    # Booleans are not numbers, fractions are not counts, generic dtypes are ambiguous.
+    (psgd.kron, {"precond_lr": True}, "precond_lr"),
+    (psgd.kron, {"update_probability": True}, "update_probability"),
+    (psgd.kron, {"damping": False}, "damping"),
+    (psgd.kron, {"seed": True}, "seed"),
+    (psgd.kron, {"seed": 1.5}, "seed"),
+    (psgd.fop, {"learning_rate": 0.1, "seed": 1.5}, "seed"),
+    (psgd.optimizers.kron, {"learning_rate": True}, "learning_rate"),
+    (psgd.lra, {"rank": True}, "rank"),
+    (psgd.lra, {"rank": 0}, "rank"),
+    (psgd.splu, {"order": True}, "order"),
+    (psgd.splu, {"order": 0}, "order"),
+    (psgd.kron, {"max_size": True}, "max_size"),
+    (psgd.kron, {"max_size": 1.5}, "max_size"),
+    (psgd.kron, {"precond_dtype": None}, "precond_dtype"),
+    (psgd.kron, {"precond_dtype": "float"}, "precond_dtype"),
+    (psgd.snr, {"precond_dtype": float}, "precond_dtype"),
+    (psgd.optimizers.kron, {"mask": "bad"}, "mask"),
+    (psgd.optimizers.kron, {"mask": 3}, "mask"),
+    (psgd.optimizers.with_preconditioner, {"preconditioner": "kron"}, "preconditioner"),
 ]
 
 
@@ -163,6 +134,30 @@ def test_invalid_hyperparameters_raise_value_error_naming_the_value(factory, kwa
   message = str(info.value)
   assert name in message
   assert repr(kwargs[name]) in message or str(kwargs[name]) in message
+
+
+def test_float64_state_needs_x64_where_it_is_built():
+  tx = psgd.kron(precond_dtype="float64")  # building it is fine: x64 may come later
+  with pytest.raises(ValueError, match="jax_enable_x64"):
+    tx.init(PARAMS)
+  with jax.enable_x64(True):
+    state = tx.init(PARAMS)
+  assert {a.dtype for a in jax.tree.leaves(state.preconditioner)} == {jnp.dtype(jnp.float64)}
+
+
+def test_secant_memory_skips_a_non_finite_step():
+  """The pair after a NaN gradient spans the last two finite steps; the memory never holds
+  the NaN."""
+  tx = psgd.kron(curvature="secant", update_probability=1.0)
+  state = tx.init(PARAMS)
+  params = PARAMS
+  for t in range(3):
+    _, state = tx.update(_grads(seed=t), state, params)
+    params = jax.tree.map(lambda p: p + 0.01 * (t + 1), params)
+  bad = _grads(seed=9)
+  bad["b"] = bad["b"].at[0].set(np.nan)
+  _, after = tx.update(bad, state, params)
+  jax.tree.map(np.testing.assert_array_equal, after.curvature, state.curvature)
 
 
 def test_unknown_option_of_ready_optimizer_is_a_type_error():
@@ -180,8 +175,10 @@ def test_bfloat16_params_train_with_float32_state():
   assert float(loss(trained)) < 0.05 * float(loss(params))
 
 
-def test_ready_optimizer_bounds_the_step_after_a_gradient_spike():
-  """After the fit adapts to tiny gradients, a 1e4× larger one must not make a huge step."""
+def test_a_gradient_spike_gives_a_bounded_step():
+  """After the fit adapts to tiny gradients, a 1e4× larger one must not make a huge step:
+  the ready optimizer's update stays within its RMS clip, and the bare whitening
+  transformation's P g within RMS 2 (it was ~1e4 before the whitened step was bounded)."""
   lr = 1e-2
   tx = psgd.optimizers.kron(learning_rate=lr, update_probability=1.0)
   state = tx.init(PARAMS)
@@ -191,10 +188,11 @@ def test_ready_optimizer_bounds_the_step_after_a_gradient_spike():
   updates, _ = step(_grads(1e-2, seed=123), state, PARAMS)
   for leaf in jax.tree.leaves(updates):
     assert float(jnp.sqrt(jnp.mean(leaf ** 2))) <= 1.1 * lr * (1 + 1e-5)
-  # The bare transformation is unclipped: the spike is amplified, hence the default.
   bare = psgd.kron(update_probability=1.0)
   bare_state = bare.init(PARAMS)
+  bare_step = jax.jit(bare.update)
   for t in range(100):
-    _, bare_state = bare.update(_grads(1e-6, seed=t), bare_state, PARAMS)
-  spike, _ = bare.update(_grads(1e-2, seed=123), bare_state, PARAMS)
-  assert max(float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(spike)) > 100
+    _, bare_state = bare_step(_grads(1e-6, seed=t), bare_state, PARAMS)
+  spike, _ = bare_step(_grads(1e-2, seed=123), bare_state, PARAMS)
+  rms = [float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(spike)]
+  assert max(rms) <= 2.0 * (1 + 1e-5) and min(rms) > 1.0, rms

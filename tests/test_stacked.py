@@ -42,7 +42,7 @@ def test_stacked_leaf_equals_separate_leaves(family):
                                           hvp={"w": hvp}, vector={"w": vector})
     out_separate, s_separate = step_separate(split(grads), s_separate, separate_params,
                                              hvp=split(hvp), vector=split(vector))
-  q_stacked = psgd.preconditioner_per_leaf(s_stacked, stacked_params)["w"]
+  q_stacked = psgd.preconditioner_per_leaf(s_stacked, stacked_params, stacked={"w": True})["w"]
   q_separate = psgd.preconditioner_per_leaf(s_separate, separate_params)
   for i, name in enumerate(names):
     np.testing.assert_allclose(out_stacked["w"][i], out_separate[name], rtol=1e-5, atol=1e-6)
@@ -61,9 +61,10 @@ def test_stacked_spec_as_callable_and_prefix_and_abstract_init():
   shapes = lambda state: jax.tree.map(jnp.shape, state)
   s1, s2 = by_prefix.init(params), by_callable.init(params)
   assert shapes(s1) == shapes(s2)
-  per_leaf = psgd.preconditioner_per_leaf(s1, params)
+  spec = {"blocks": True, "head": False}
+  per_leaf = psgd.preconditioner_per_leaf(s1, params, stacked=spec)
   assert per_leaf["blocks"]["w"].factors[0].shape == (LAYERS, ROWS, ROWS)
-  assert scale_set_per_leaf(s1, params)["blocks"]["b"].shape == (LAYERS,)
+  assert scale_set_per_leaf(s1, params, stacked=spec)["blocks"]["b"].shape == (LAYERS,)
   assert per_leaf["head"].factors[0].shape == (COLS, COLS)
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), params)
   assert shapes(jax.eval_shape(by_prefix.init, abstract)) == shapes(s1)
@@ -73,7 +74,7 @@ def test_stacked_spec_as_callable_and_prefix_and_abstract_init():
   assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, params)
   assert jax.tree.map(lambda x: (x.shape, x.dtype), state) == jax.tree.map(
       lambda x: (x.shape, x.dtype), s1)
-  assert bool(jnp.all(scale_set_per_leaf(state, params)["blocks"]["w"]))
+  assert bool(jnp.all(scale_set_per_leaf(state, params, stacked=spec)["blocks"]["w"]))
 
 
 def test_ready_optimizer_trains_a_scanned_model():

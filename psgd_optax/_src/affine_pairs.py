@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from psgd_optax._src.trees import empty_entry
+
 
 class AffinePairsState(NamedTuple):
   """State of :func:`affine_pairs`: the inner transformation's state (on joined params)."""
@@ -101,19 +103,21 @@ def affine_pairs(inner: optax.GradientTransformation, *, kernel_name: str = "ker
     >>> params = {"dense": {"kernel": jnp.ones((4, 3)), "bias": jnp.zeros(3)}}
     >>> tx = psgd.affine_pairs(psgd.scan())
     >>> state = tx.init(params)
-    >>> [f.shape for f in state.inner_state.preconditioner["leaves_0"].factors]  # [kernel; bias]
-    [(2, 5), (3,)]
+    >>> [f.shape for f in state.inner_state.preconditioner[0].factors]  # [kernel; bias]
+    [(1, 2, 5), (1, 3)]
     >>> updates, state = tx.update({"dense": {"kernel": jnp.ones((4, 3)),
     ...                                       "bias": jnp.ones(3)}}, state, params)
     >>> updates["dense"]["kernel"].shape, updates["dense"]["bias"].shape
     ((4, 3), (3,))
     >>> conv = {"kernel": jnp.ones((3, 3, 2, 8)), "bias": jnp.zeros(8)}  # 3×3 window, 2 → 8
-    >>> [f.shape for f in tx.init(conv).inner_state.preconditioner["leaves_0"].factors]
-    [(2, 19), (8,)]
+    >>> [f.shape for f in tx.init(conv).inner_state.preconditioner[0].factors]
+    [(1, 2, 19), (1, 8)]
   """
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params):
+    if not jax.tree.leaves(params):  # nothing in the joined layout is params-shaped
+      return AffinePairsState(empty_entry())
     plan = _plan(params, kernel_name, bias_name)
     return AffinePairsState(inner.init(_join(params, plan)))
 

@@ -28,14 +28,17 @@ r"""Where the curvature pair ``(v, h)`` that ``Q`` is fitted to comes from.
 A source has ``init(params, dtype)`` (its memory, ``()`` for most),
 ``remember(memory, grads, params, treedef, dtype)`` (called every step, fitting or not),
 ``check_args(params, extra_args)`` (clear errors before tracing) and
-``pair(key, grads, params, treedef, dtype, extra_args, memory, buckets=None)`` (called on
-fitting steps only, inside ``lax.cond``; it returns the undamped pair; ``buckets``, the
-engine's lists of same-shaped leaves, says how to lay out the probes' one random draw) and
-``damping``.
+``pair(probes, grads, params, treedef, extra_args, memory, dtype)`` (called on fitting steps
+only, inside ``lax.cond``; it returns the undamped pair). The engine draws the probes:
+``probes()`` gives them leaf by leaf, in the params' layout, for the sources that need them
+(a Hessian-vector product along them, a finite difference); a source that pairs with the
+engine's probes or with the gradient itself says so with ``None`` and the engine uses the
+arrays it already holds. ``output_rms_bound`` is the largest RMS a unit's ``P g`` may have
+(whitening only, see :class:`Whitening`).
 
 Damping (Li 2018 §III.C), added to every source's ``h`` (``damping_type``); the engine
-applies it per leaf inside the fit (``Damping.leaf``), so bucketed leaves share one traced
-copy of it:
+applies it per unit inside the fit (:meth:`Damping.apply`), so a stack's units share one
+traced copy of it:
 
 ``"relative"`` (default)
   ``h + λ·rms(h)·v``: means the same thing at every gradient scale.
@@ -57,8 +60,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from psgd_optax._src.normalize import rms
 from psgd_optax._src.sharding import like
-from psgd_optax._src.trees import scatter
+from psgd_optax._src.trees import all_finite
 
 CURVATURES = ("whitening", "newton", "finite_difference", "secant")
 DAMPING_TYPES = ("relative", "traditional", "nonconvex")
@@ -69,9 +73,10 @@ class CurvaturePair:
   """Per-leaf probe vectors ``v`` and curvature products ``h`` (lists in leaf order).
 
   Attributes:
-    vectors: the probes ``v``.
+    vectors: the probes ``v``; ``None`` when they are the engine's own probes, which it
+      already holds stacked.
     products: ``h``, the curvature applied to ``v``, before damping; ``None`` when ``h`` is
-      the (averaged) gradient itself, which the engine already holds stacked per bucket.
+      the (averaged) gradient itself, which the engine already holds stacked.
     integrate_probe: whether the fit may replace ``vvᵀ`` by its expectation ``I``.
     valid: a boolean scalar; ``False`` when there is no pair this step (e.g. the first
       step of ``"secant"``), so ``Q`` must not move.
@@ -91,32 +96,6 @@ class SecantMemory(NamedTuple):
   has_previous: jax.Array
 
 
-def _rms(x: jax.Array) -> jax.Array:
-  scale = jnp.max(jnp.abs(x))
-  safe = jnp.where(scale > 0, scale, 1.0)
-  return safe * jnp.sqrt(jnp.mean(jnp.square(x / safe)))
-
-
-def _probe_leaves(key, leaves, dtype, buckets=None):
-  """Gaussian probes shaped (and, on a mesh, sharded) like ``leaves``.
-
-  One draw for all leaves, cut into one block per bucket (``buckets``: lists of indices of
-  same-shaped leaves; default, every leaf alone) and each block into its leaves. A
-  random-number generator per leaf, or a cut per leaf out of the whole draw, would each be
-  a different kernel per leaf and grow the compile time with the number of leaves; the
-  engine stacks a bucket's probes back, which XLA folds into the block itself. With one
-  leaf per bucket in leaf order the probes are the same as with no buckets."""
-  buckets = buckets or [[i] for i in range(len(leaves))]
-  sizes = [len(indices) * math.prod(leaves[indices[0]].shape) for indices in buckets]
-  draw = jax.random.normal(key, (sum(sizes),), dtype)
-  blocks = []
-  for start, size, indices in zip(np.cumsum([0] + sizes[:-1]).tolist(), sizes, buckets):
-    stack = (len(indices),) if len(indices) > 1 else ()  # gather's layout of a bucket
-    blocks.append(draw[start:start + size].reshape(stack + tuple(leaves[indices[0]].shape)))
-  return [like(probe, leaf)
-          for probe, leaf in zip(scatter(blocks, buckets, len(leaves)), leaves)]
-
-
 @dataclasses.dataclass(frozen=True)
 class Damping:
   """Adds ``λ·rms(h)·v``, ``λ·v`` or ``λ·v′`` to every product (see the module doc)."""
@@ -124,17 +103,21 @@ class Damping:
   strength: Any = 0.0
   kind: str = "relative"
 
-  def leaf(self, v, h, independent=None):
-    """One leaf's damped product; ``independent`` is ``v′`` (``"nonconvex"`` only)."""
+  def apply(self, v, h, key):
+    """One unit's damped product. ``"nonconvex"`` draws its independent ``v′`` from
+    ``key``; the other kinds ignore it."""
+    strength = jnp.asarray(self.strength, h.dtype)
     if self.kind == "nonconvex":
-      return h + self.strength * independent
+      return h + strength * jax.random.normal(key, h.shape, h.dtype)
     if self.kind == "traditional":
-      return h + self.strength * v
-    return h + self.strength * _rms(h) * v
+      return h + strength * v
+    return h + strength * rms(h) * v
 
 
 class _Stateless:
   """Sources that remember nothing between steps."""
+
+  output_rms_bound = None
 
   def init(self, params, dtype):
     del params, dtype
@@ -147,20 +130,26 @@ class _Stateless:
 
 @dataclasses.dataclass(frozen=True)
 class Whitening(_Stateless):
-  """Gradient-whitening pairs ``(v, g + damping)`` (relative λ = 1e-6 by default)."""
+  """Gradient-whitening pairs ``(v, g + damping)`` with the engine's probes ``v``.
 
-  damping: Damping = Damping(1e-6)
+  At the fit's fixed point ``P E[ggᵀ] P = E[vvᵀ]``, so ``E‖P g‖² = E‖v‖²``: the whitened
+  gradient has unit RMS. A unit whose ``P g`` has an RMS above ``output_rms_bound = 2`` is
+  preconditioned by a ``P`` that has not yet followed a jump in the gradients' scale (the
+  fit follows one at its normalized pace, ``log(jump)/log(1 + precond_lr)`` fits), so
+  the engine scales that ``P g`` back to RMS 2 (the reference implementation's
+  ``grad_clip_max_amp=2`` of its whitening optimizers).
+  """
+
   name: str = "whitening"
+  output_rms_bound = 2.0
 
   def check_args(self, params, extra_args) -> None:
     del params, extra_args
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
-           buckets=None) -> CurvaturePair:
-    del params, treedef, extra_args, memory
-    probes = _probe_leaves(key, grads, dtype, buckets)
-    # With the independent damping v′ is independent of both g and v anyway.
-    return CurvaturePair(probes, None, integrate_probe=True)  # h = g
+  def pair(self, probes, grads, params, treedef, extra_args, memory, dtype) -> CurvaturePair:
+    del probes, grads, params, treedef, extra_args, memory, dtype
+    # v: the engine's probes, independent of g; h: the gradient itself.
+    return CurvaturePair(None, None, integrate_probe=True)
 
 
 def _check_value_fn(name, params, value_fn) -> None:
@@ -173,9 +162,9 @@ def _check_value_fn(name, params, value_fn) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Newton(_Stateless):
-  """Hessian-vector-product pairs ``(v, Hv + damping)`` (λ = 0 by default)."""
+  """Hessian-vector-product pairs ``(v, Hv)``: along the engine's probes from ``value_fn``,
+  or the caller's ``(vector, hvp)``."""
 
-  damping: Damping = Damping(0.0)
   name: str = "newton"
 
   def check_args(self, params, extra_args) -> None:
@@ -196,40 +185,39 @@ class Newton(_Stateless):
     if hvp is None:
       _check_value_fn(self.name, params, value_fn)
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
-           buckets=None) -> CurvaturePair:
+  def pair(self, probes, grads, params, treedef, extra_args, memory, dtype) -> CurvaturePair:
     del grads, memory
     hvp = extra_args.get("hvp")
     if hvp is not None:
       vectors = [jnp.asarray(v, dtype) for v in treedef.flatten_up_to(extra_args["vector"])]
       products = [jnp.asarray(h, dtype) for h in treedef.flatten_up_to(hvp)]
-    else:
-      param_leaves = treedef.flatten_up_to(params)
-      probes = _probe_leaves(key, param_leaves, dtype, buckets)
-      tangents = [v.astype(p.dtype) for v, p in zip(probes, param_leaves)]
-      try:
-        _, hvp_tree = jax.jvp(jax.grad(extra_args["value_fn"]), (params,),
-                              (jax.tree.unflatten(treedef, tangents),))
-      except (TypeError, ValueError, NotImplementedError) as error:
-        if "jvp" not in str(error).lower():
-          raise
-        raise ValueError(
-            "curvature='newton' cannot differentiate value_fn twice (forward over "
-            "reverse): part of it, e.g. a jax.custom_vjp function or a callback, has no "
-            f"forward-mode derivative ({str(error).splitlines()[0]}). Use "
-            "curvature='finite_difference' (two gradients per fit, no second "
-            "derivative) or pass hvp= and vector= yourself.") from error
-      vectors = [t.astype(dtype) for t in tangents]
-      products = [h.astype(dtype) for h in treedef.flatten_up_to(hvp_tree)]
+      return CurvaturePair(vectors, products, integrate_probe=False)
+    param_leaves = treedef.flatten_up_to(params)
+    tangents = [v.astype(p.dtype) for v, p in zip(probes(), param_leaves)]
+    try:
+      _, hvp_tree = jax.jvp(jax.grad(extra_args["value_fn"]), (params,),
+                            (jax.tree.unflatten(treedef, tangents),))
+    except (TypeError, ValueError, NotImplementedError) as error:
+      if "jvp" not in str(error).lower():
+        raise
+      raise ValueError(
+          "curvature='newton' cannot differentiate value_fn twice (forward over "
+          "reverse): part of it, e.g. a jax.custom_vjp function or a callback, has no "
+          f"forward-mode derivative ({str(error).splitlines()[0]}). Use "
+          "curvature='finite_difference' (two gradients per fit, no second "
+          "derivative) or pass hvp= and vector= yourself.") from error
+    products = [h.astype(dtype) for h in treedef.flatten_up_to(hvp_tree)]
+    # Where the params' dtype holds the probes exactly, the tangents are the probes the
+    # engine already holds; otherwise (bfloat16 params) the rounded tangents are the pair.
+    exact = all(jnp.promote_types(p.dtype, dtype) == p.dtype for p in param_leaves)
+    vectors = None if exact else [t.astype(dtype) for t in tangents]
     return CurvaturePair(vectors, products, integrate_probe=False)
 
 
 @dataclasses.dataclass(frozen=True)
 class FiniteDifference(_Stateless):
-  """``(v, (∇f(θ + δv) − ∇f(θ − δv))/2δ + damping)`` with ``δ = eps^{1/3}`` of the
-  params' dtype."""
+  """``(v, (∇f(θ + δv) − ∇f(θ − δv))/2δ)`` with ``δ = eps^{1/3}`` of the params' dtype."""
 
-  damping: Damping = Damping(0.0)
   name: str = "finite_difference"
 
   def check_args(self, params, extra_args) -> None:
@@ -241,11 +229,10 @@ class FiniteDifference(_Stateless):
           "gradients on preconditioner-update steps.")
     _check_value_fn(self.name, params, value_fn)
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
-           buckets=None) -> CurvaturePair:
+  def pair(self, probes, grads, params, treedef, extra_args, memory, dtype) -> CurvaturePair:
     del grads, memory
     param_leaves = treedef.flatten_up_to(params)
-    probes = _probe_leaves(key, param_leaves, dtype, buckets)
+    probes = probes()
     # Central differences at δ = eps^{1/3}: error O(δ²) + O(eps/δ) ≈ eps^{2/3} for the same
     # two gradients a forward difference needs (whose best is ≈ eps^{1/2}: about 1e-3
     # relative in float32, too close to the tolerance users need).
@@ -267,10 +254,11 @@ class FiniteDifference(_Stateless):
 
 @dataclasses.dataclass(frozen=True)
 class Secant:
-  """``(θ_t − θ_{t−1}, g_t − g_{t−1} + damping)`` from the previous step, kept in state."""
+  """``(θ_t − θ_{t−1}, g_t − g_{t−1})`` from the last step with finite params and
+  gradients, kept in the state (a step with non-finite ones is not remembered)."""
 
-  damping: Damping = Damping(0.0)
   name: str = "secant"
+  output_rms_bound = None
 
   def check_args(self, params, extra_args) -> None:
     del extra_args
@@ -283,14 +271,15 @@ class Secant:
     return SecantMemory(params=zeros, grads=zeros, has_previous=jnp.asarray(False))
 
   def remember(self, memory, grads, params, treedef, dtype):
-    return SecantMemory(
+    new = SecantMemory(
         params=treedef.unflatten([p.astype(dtype) for p in treedef.flatten_up_to(params)]),
         grads=treedef.unflatten([g.astype(dtype) for g in grads]),
         has_previous=jnp.asarray(True))
+    finite = all_finite([new.params, new.grads])
+    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, memory)
 
-  def pair(self, key, grads, params, treedef, dtype, extra_args, memory,
-           buckets=None) -> CurvaturePair:
-    del extra_args
+  def pair(self, probes, grads, params, treedef, extra_args, memory, dtype) -> CurvaturePair:
+    del probes, extra_args
     param_leaves = treedef.flatten_up_to(params)
     vectors = [p.astype(dtype) - q for p, q in
                zip(param_leaves, treedef.flatten_up_to(memory.params))]
@@ -303,13 +292,18 @@ _SOURCES = {"whitening": Whitening, "newton": Newton,
 _DEFAULT_DAMPING = {"whitening": 1e-6}
 
 
-def make_curvature(name: str, damping, damping_type: str = "relative"):
-  """The curvature source called ``name``; ``damping=None`` picks its default
-  (relative 1e-6 for whitening, 0 otherwise)."""
+def make_curvature(name: str):
+  """The curvature source called ``name``."""
   if name not in _SOURCES:
     raise ValueError(f"curvature must be one of {CURVATURES}, got {name!r}.")
+  return _SOURCES[name]()
+
+
+def make_damping(curvature: str, damping, damping_type: str = "relative") -> Damping:
+  """The damping of ``curvature``'s pairs; ``damping=None`` picks its default (relative
+  1e-6 for whitening, 0 otherwise)."""
   if damping_type not in DAMPING_TYPES:
     raise ValueError(f"damping_type must be one of {DAMPING_TYPES}, got {damping_type!r}.")
-  strength = _DEFAULT_DAMPING.get(name, 0.0) if damping is None else damping
-  return _SOURCES[name](damping=Damping(strength, damping_type))
+  strength = _DEFAULT_DAMPING.get(curvature, 0.0) if damping is None else damping
+  return Damping(strength, damping_type)
 

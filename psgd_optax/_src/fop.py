@@ -32,8 +32,9 @@ import optax
 
 from psgd_optax._src.linalg import trace
 from psgd_optax._src.sharding import like, replicated
-from psgd_optax._src.trees import all_finite, rebuild, value_at
-from psgd_optax._src.validation import check_float_dtype, check_integer, check_number
+from psgd_optax._src.trees import all_finite, check_real, empty_entry, rebuild, value_at
+from psgd_optax._src.validation import (as_dtype, check_float_dtype, check_integer, check_number,
+                                        check_x64)
 
 
 class HypergradientState(NamedTuple):
@@ -45,7 +46,7 @@ class HypergradientState(NamedTuple):
       scalar 0 for a leaf FOP leaves alone, the learning-rate multiplier for
       the hypergradient baselines), in ``precond_dtype``.
     previous_updates: the previous step's incoming updates ``g_{t−1}``, in ``precond_dtype``.
-    has_previous: whether ``previous_updates`` holds a finite gradient of the last step.
+    has_previous: whether ``previous_updates`` holds a gradient (the last finite one).
     hyper_state: the state of the optimizer that moves ``preconditioner``.
   """
   count: jax.Array
@@ -69,11 +70,14 @@ def _hypergradient_transformation(parametrization_for_shape, learning_rate, hype
   hyper_optimizer = optax.with_extra_args_support(hyper_optimizer)
 
   def make_state(params):
+    check_real(params)
+    check_x64("precond_dtype", dtype)
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(seed), max(len(leaves), 1))
     ms = [parametrization_for_shape(leaf.shape).init(leaf.shape, key).astype(dtype)
           for leaf, key in zip(leaves, keys)]
-    preconditioner = jax.tree.unflatten(treedef, ms)
+    # The learned ms are per leaf but not params-shaped (see trees.empty_entry).
+    preconditioner = jax.tree.unflatten(treedef, ms) if leaves else empty_entry()
     return HypergradientState(
         count=jnp.zeros([], jnp.int32),
         preconditioner=preconditioner,
@@ -91,35 +95,43 @@ def _hypergradient_transformation(parametrization_for_shape, learning_rate, hype
     grads = jax.tree.map(lambda u: replicated(u.astype(dtype)), updates)
     previous = jax.tree.map(replicated, state.previous_updates)
     # ε of the step that produced the current parameters.
-    outer_lr = jnp.asarray(value_at(learning_rate, jnp.maximum(state.count - 1, 0)), dtype)
+    outer_lr = as_dtype(value_at(learning_rate, jnp.maximum(state.count - 1, 0)), dtype)
+    grads_finite = all_finite(grads)
 
     def leaf_hypergradient(m, g, g_previous):
       apply = parametrization_for_shape(g.shape, m).apply
       return jax.grad(lambda m_: -outer_lr * jnp.vdot(g, apply(m_, g_previous)))(m)
 
     hypergrads = jax.tree.map(leaf_hypergradient, state.preconditioner, grads, previous)
-    grads_finite = all_finite(grads)
-    usable = state.has_previous & grads_finite & all_finite(hypergrads)
-    moves, moved_hyper_state = hyper_optimizer.update(hypergrads, state.hyper_state,
-                                                      state.preconditioner)
-    moved = optax.apply_updates(state.preconditioner, moves)
-    usable = usable & all_finite(moved)
-    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(usable, a, b), new, old)
-    preconditioner = keep(moved, state.preconditioner)
-    hyper_state = keep(moved_hyper_state, state.hyper_state)
 
+    def move(_):
+      moves, moved_hyper_state = hyper_optimizer.update(hypergrads, state.hyper_state,
+                                                        state.preconditioner)
+      moved = optax.apply_updates(state.preconditioner, moves)
+      # The hyper optimizer's own state must stay finite too (Adam's ν overflows at ~1e19).
+      ok = all_finite([moved, moved_hyper_state])
+      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+      return keep(moved, state.preconditioner), keep(moved_hyper_state, state.hyper_state)
+
+    # A branch, not a select: on the first step (no previous gradient) the hypergradient is
+    # zero, and Adam's sqrt(ν) at ν = 0 has no derivative, so jax.grad through this update
+    # must not see that move at all.
+    usable = state.has_previous & grads_finite & all_finite(hypergrads)
+    preconditioner, hyper_state = jax.lax.cond(
+        usable, move, lambda _: (state.preconditioner, state.hyper_state), None)
     directions = jax.tree.map(
-        lambda m, g, u: like(parametrization_for_shape(g.shape, m).apply(m, g).astype(u.dtype),
-                             u),
+        lambda m, g, u: like(jnp.where(grads_finite, parametrization_for_shape(g.shape, m)
+                                       .apply(m, g), 0).astype(u.dtype), u),
         preconditioner, grads, updates)
+    # A step with a non-finite gradient changes nothing: the next one pairs with the last
+    # finite gradient.
     new_state = HypergradientState(
-        count=optax.safe_increment(state.count),
+        count=jnp.where(grads_finite, optax.safe_increment(state.count), state.count),
         preconditioner=preconditioner,
-        # A non-finite gradient is not cached, and the next step pairs with nothing.
         previous_updates=jax.tree.map(
             lambda u, old: jnp.where(grads_finite, u.astype(dtype), old),
             updates, state.previous_updates),
-        has_previous=grads_finite,
+        has_previous=state.has_previous | grads_finite,
         hyper_state=hyper_state)
     return directions, new_state
 
@@ -136,7 +148,7 @@ def _check_common(learning_rate, hyper_optimizer, precond_dtype, seed):
     raise ValueError("hyper_optimizer must be an optax.GradientTransformation, got "
                      f"{hyper_optimizer!r}.")
   check_float_dtype("precond_dtype", precond_dtype)
-  check_number("seed", seed)
+  check_integer("seed", seed)
 
 
 def _default_hyper_optimizer(hyper_optimizer):

@@ -19,6 +19,51 @@ def _tiny(dtype) -> jax.Array:
   return jnp.asarray(jnp.finfo(dtype).tiny, dtype)
 
 
+def norm(x: jax.Array) -> jax.Array:
+  """``‖x‖₂`` as ``m·‖x/m‖`` with ``m = max|x|``.
+
+  A float32 square of 1e-20 flushes to 0 (and of 1e20 overflows), so ``jnp.linalg.norm``
+  of a vector at those scales is 0 (or ``inf``); rescaled, it is exact to rounding. The
+  square root is of a number ≥ 1, so reverse-mode derivatives stay finite at ``x = 0``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from psgd_optax._src.normalize import norm
+    >>> float(norm(jnp.array([3e-20, 4e-20]))), float(jnp.linalg.norm(jnp.array([3e-20, 4e-20])))
+    (5e-20, 0.0)
+  """
+  peak = jnp.max(jnp.abs(x))
+  positive = peak > 0
+  safe_peak = jnp.where(positive, peak, 1.0)
+  sum_squares = jnp.sum(jnp.square(x / safe_peak))
+  return jnp.where(positive, safe_peak * jnp.sqrt(jnp.where(positive, sum_squares, 1.0)), 0.0)
+
+
+def scale_pair(a: jax.Array, b: jax.Array, *others: jax.Array) -> tuple[jax.Array, ...]:
+  """``(unit, a/m, b/m, *others/m)`` with ``m = max(max|a|, max|b|)`` and ``unit = m²``
+  (``m = 1`` where that maximum is 0 or not finite).
+
+  A fit by ``a = Qh`` and ``b = Q⁻ᵀv`` takes the same normalized step for a pair scaled
+  jointly: its generator (``aaᵀ − bbᵀ`` and the like) and its Lipschitz bound both scale as
+  ``m²``. Once ``Q`` has the pair's scale, ``a`` and ``b`` are of order ``√(|h|·|v|)``: for
+  a loss scaled by 1e-20 their float32 squares (and higher powers) flush to zero, so the
+  groups that fit by them divide the pair (and anything linear in it) by ``m`` first and
+  keep their Lipschitz estimates in the pair's own units with :func:`lipschitz_step`.
+  """
+  peak = jnp.maximum(jnp.max(jnp.abs(a)), jnp.max(jnp.abs(b)))
+  peak = jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0)
+  return (peak * peak,) + tuple(x / peak for x in (a, b, *others))
+
+
+def lipschitz_step(lr, previous: jax.Array, bound: jax.Array, decay, unit=1.0):
+  """``(step, estimate)``: the moving estimate :func:`lipschitz_update` of a bound computed
+  for a pair divided by ``√unit`` (see :func:`scale_pair`), kept in the pair's own units so
+  that estimates of steps with different ``unit`` combine; and ``lr / L`` in the divided
+  units, for a generator computed from the divided pair."""
+  estimate = lipschitz_update(previous, unit * bound, decay)
+  return safe_step(lr, estimate / unit), estimate
+
+
 def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 2) -> jax.Array:
   """A cheap lower bound of the spectral norm ``‖A‖₂`` of a square matrix.
 
@@ -49,12 +94,17 @@ def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 2) -> jax.Arra
   scaled_transpose = lambda y: matrix.T @ (y / safe_scale)
   row_norms = jnp.sum(jnp.square(matrix / safe_scale), axis=1)
   x = matrix[jnp.argmax(row_norms)] / safe_scale
+  # Every vector norm below lies within about [1/n, n] for a nonzero matrix (x starts as
+  # a row holding the peak 1, and (A x)ᵢ = ‖x‖² for that row i), so plain sums of squares
+  # neither under- nor overflow; ``tiny`` under the root keeps the derivative finite at 0.
   tiny = _tiny(matrix.dtype)
+  vector_norm = lambda y: jnp.sqrt(jnp.sum(jnp.square(y)) + tiny)
   for _ in range(num_iters):
     x = scaled_transpose(scaled(x))
-    x = x / (jnp.linalg.norm(x) + tiny)
-  bound = jnp.linalg.norm(scaled(x)) / (jnp.linalg.norm(x) + tiny)
-  bound = jnp.maximum(bound, jnp.sqrt(jnp.max(row_norms)))
+    x = x / vector_norm(x)
+  bound = vector_norm(scaled(x)) / vector_norm(x)
+  largest_row = jnp.max(row_norms)  # 1 where the matrix is nonzero (a row holds its peak)
+  bound = jnp.maximum(bound, jnp.sqrt(jnp.where(largest_row > 0, largest_row, 1.0)))
   return jnp.where(scale > 0, safe_scale * bound, 0.0).astype(matrix.dtype)
 
 
@@ -80,10 +130,30 @@ def lipschitz_update(previous: jax.Array, bound: jax.Array, decay) -> jax.Array:
     >>> float(lipschitz_update(0.0, 2.0, 0.9)), float(lipschitz_update(4.0, 2.0, 0.9))
     (2.0, 3.8)
   """
+  previous = jnp.asarray(previous)
+  decay = jnp.asarray(decay, previous.dtype)  # a float64 hyperparameter keeps float32 state
   return jnp.maximum(decay * previous + (1 - decay) * bound, bound)
 
 
 def safe_step(lr, lipschitz: jax.Array) -> jax.Array:
   """``lr / L``, or 0 where ``L`` is 0 (an all-zero pair carries no information)."""
   positive = lipschitz > 0
+  lr = jnp.asarray(lr, lipschitz.dtype)
   return jnp.where(positive, lr / jnp.where(positive, lipschitz, 1.0), 0.0)
+
+
+def rms(x: jax.Array) -> jax.Array:
+  """The RMS of ``x``, computed from ``x / max|x|`` (no square under- or overflows)."""
+  peak = jnp.max(jnp.abs(x))
+  safe_peak = jnp.where(peak > 0, peak, 1.0)
+  mean_square = jnp.mean(jnp.square(x / safe_peak))
+  return safe_peak * jnp.sqrt(jnp.where(mean_square > 0, mean_square, 1.0)) * (peak > 0)
+
+
+def bound_rms(x: jax.Array, bound: float | None) -> jax.Array:
+  """``x`` scaled to RMS ``bound`` where its RMS exceeds it (``None``: unbounded)."""
+  if bound is None:
+    return x
+  bound = jnp.asarray(bound, x.dtype)
+  # bound / max(rms, bound): 1 up to the bound, bound / rms above it; never a division by 0.
+  return x * (bound / jnp.maximum(rms(x), bound))

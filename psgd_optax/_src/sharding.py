@@ -85,7 +85,8 @@ def state_layout(preconditioner_sharding: Any) -> Callable[[jax.Array], jax.Arra
   """The function that puts one stored preconditioner array in its layout.
 
   ``preconditioner_sharding``: ``None`` (replicated), a ``PartitionSpec`` (applied to the
-  leading axes of every array, dropped where an axis is missing or does not divide evenly),
+  leading axes of every array, the stack's member axis first; where that axis does not
+  divide evenly, to the axes after it; dropped where an axis is missing or does not divide),
   a ``NamedSharding`` (the same with its own mesh) or a callable ``shape -> PartitionSpec |
   None``.
   """
@@ -106,7 +107,12 @@ def state_layout(preconditioner_sharding: Any) -> Callable[[jax.Array], jax.Arra
         explicit_mesh if explicit_mesh is not None else jax.sharding.get_abstract_mesh())
     if mesh is None or mesh.empty:
       return x
-    spec = _fitted_spec(spec_for(x), x.shape, dict(zip(mesh.axis_names, mesh.axis_sizes)))
+    axis_sizes = dict(zip(mesh.axis_names, mesh.axis_sizes))
+    requested = spec_for(x)
+    spec = _fitted_spec(requested, x.shape, axis_sizes)
+    if len(requested) and requested[0] is not None and spec[0] is None:
+      # The member axis does not divide evenly (a stack of one leaf): the axes after it.
+      spec = _fitted_spec(PartitionSpec(None, *requested), x.shape, axis_sizes)
     if current is not None:
       return x if current.spec == spec else jax.sharding.reshard(x, spec)
     if any(t == AxisType.Manual for t in tuple(mesh.axis_types)):

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import optax
 
 from psgd_optax._src.sharding import like
-from psgd_optax._src.trees import rebuild
-from psgd_optax._src.validation import check_float_dtype, check_number
+from psgd_optax._src.trees import all_finite, check_real, rebuild
+from psgd_optax._src.validation import as_dtype, check_float_dtype, check_number, check_x64
 
 
 class SNRState(NamedTuple):
@@ -59,17 +59,21 @@ def snr_ratio(state: SNRState, b1, b2) -> Any:
     dtype = mean.dtype
     count = state.count.astype(dtype)
     # The same float ops whether b1, b2 are Python floats or traced (inject_hyperparams).
-    decay1, decay2 = jnp.asarray(b1, dtype), jnp.asarray(b2, dtype)
+    decay1, decay2 = as_dtype(b1, dtype), as_dtype(b2, dtype)
     b1_t, b2_t = decay1 ** count, decay2 ** count
     tiny = jnp.finfo(dtype).tiny
     mean_hat = mean / jnp.maximum(1 - b1_t, tiny)
     second_hat = second_moment / jnp.maximum(1 - b2_t, tiny)
     remaining = (1 - decay1) * (1 + b1_t) / jnp.maximum((1 + decay1) * (1 - b1_t), tiny)
-    signal = (mean_hat ** 2 - remaining * second_hat) / jnp.maximum(1 - remaining, tiny)
-    estimate = jnp.clip(signal / jnp.maximum(second_hat, tiny), 0.0, 1.0)
     # Zero gradients carry no evidence of noise; neither does a single sample.
     informative = (count >= 2) & (second_hat > 0) & (remaining < 1)
-    return jnp.where(informative, estimate, 1.0).astype(dtype)
+    # T = (m̂² − c v̂) / ((1 − c) v̂), formed from m̂/√v̂ so that gradients of 1e19 (whose
+    # squares overflow float32) give a ratio, not inf/inf; every division is guarded
+    # where the estimate is not used, so reverse-mode derivatives stay finite.
+    root = jnp.sqrt(jnp.where(informative, second_hat, 1.0))
+    normalized = mean / (jnp.maximum(1 - b1_t, tiny) * root)
+    signal = (normalized ** 2 - remaining) / jnp.where(informative, 1 - remaining, 1.0)
+    return jnp.where(informative, jnp.clip(signal, 0.0, 1.0), 1.0).astype(dtype)
 
   return jax.tree.map(ratio, state.mean, state.second_moment)
 
@@ -134,6 +138,8 @@ def snr(
   dtype = jnp.dtype(precond_dtype)
 
   def init_fn(params):
+    check_real(params)
+    check_x64("precond_dtype", dtype)
     zeros = lambda p: like(jnp.zeros(p.shape, dtype), p)
     return SNRState(count=jnp.zeros([], jnp.int32), mean=jax.tree.map(zeros, params),
                     second_moment=jax.tree.map(zeros, params))
@@ -144,24 +150,23 @@ def snr(
     if not isinstance(state, SNRState):  # e.g. flax.nnx's own state containers
       state = rebuild(lambda: init_fn(updates), jax.tree.leaves(state))
     values = jax.tree.map(lambda u: u.astype(dtype), updates)
-
-    def accumulate(mean, second_moment, u):
-      # A leaf whose gradient is not finite, or whose square overflows the state's dtype,
-      # keeps its statistics as they were.
-      decay1, decay2 = jnp.asarray(b1, u.dtype), jnp.asarray(b2, u.dtype)
-      new_mean = decay1 * mean + (1 - decay1) * u
-      new_second = decay2 * second_moment + (1 - decay2) * u * u
-      ok = jnp.all(jnp.isfinite(new_mean)) & jnp.all(jnp.isfinite(new_second))
-      return jnp.where(ok, new_mean, mean), jnp.where(ok, new_second, second_moment)
-
-    pairs = jax.tree.map(accumulate, state.mean, state.second_moment, values)
-    is_pair = lambda x: isinstance(x, tuple)
-    mean = jax.tree.map(lambda pair: pair[0], pairs, is_leaf=is_pair)
-    second = jax.tree.map(lambda pair: pair[1], pairs, is_leaf=is_pair)
-    new_state = SNRState(count=optax.safe_increment(state.count), mean=mean,
-                         second_moment=second)
+    decay1, decay2 = as_dtype(b1, dtype), as_dtype(b2, dtype)
+    new_mean = jax.tree.map(lambda m, u: decay1 * m + (1 - decay1) * u, state.mean, values)
+    new_second = jax.tree.map(lambda s, u: decay2 * s + (1 - decay2) * u * u,
+                              state.second_moment, values)
+    # A step with a non-finite gradient changes nothing; a leaf whose square overflows the
+    # state's dtype (finite gradients of ~1e20) keeps its statistics.
+    finite = all_finite(values)
+    keep = jax.tree.map(lambda m, s: finite & jnp.all(jnp.isfinite(m)) & jnp.all(jnp.isfinite(s)),
+                        new_mean, new_second)
+    select = lambda ok, new, old: jnp.where(ok, new, old)
+    new_state = SNRState(
+        count=jnp.where(finite, optax.safe_increment(state.count), state.count),
+        mean=jax.tree.map(select, keep, new_mean, state.mean),
+        second_moment=jax.tree.map(select, keep, new_second, state.second_moment))
     ratios = snr_ratio(new_state, b1, b2)
-    scaled = jax.tree.map(lambda t, u: (t * u.astype(dtype)).astype(u.dtype), ratios, updates)
+    scaled = jax.tree.map(lambda t, u: jnp.where(finite, t * u.astype(dtype), 0).astype(u.dtype),
+                          ratios, updates)
     return scaled, new_state
 
   def update_fn(updates, state, params=None, **extra_args):

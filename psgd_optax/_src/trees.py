@@ -1,4 +1,4 @@
-"""Small helpers shared by the engine, the curvature sources and the first-order
+"""Small pytree helpers shared by the engine, the curvature sources and the first-order
 transformations."""
 
 from __future__ import annotations
@@ -25,20 +25,23 @@ def rebuild(make_state, state_leaves):
   return jax.tree.unflatten(structure, state_leaves)
 
 
-def gather(column, indices):
-  """One bucket's entries of a per-leaf list: the leaf itself, or a stack of them."""
-  if len(indices) == 1:
-    return column[indices[0]]
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *[column[i] for i in indices])
+def empty_entry() -> jax.Array:
+  """What a state stores, in place of per-leaf entries that are not params-shaped, for a
+  params tree with no leaves: a scalar, not ``()``. ``optax.tree.map_params`` calls
+  ``init`` on a placeholder tree with no leaves and maps over the states' common prefix,
+  so such an entry must be one leaf there for the real state's entries to fall under it
+  (and stay untouched, as the non-params state they are)."""
+  return jnp.zeros([], jnp.int8)
 
 
-def scatter(values, buckets, count):
-  """The inverse of ``gather`` over all buckets: back to a per-leaf list."""
-  leaves = [None] * count
-  for value, indices in zip(values, buckets):
-    if len(indices) == 1:
-      leaves[indices[0]] = value
-      continue
-    for position, i in enumerate(indices):
-      leaves[i] = jax.tree.map(lambda x, position=position: x[position], value)
-  return leaves
+def check_real(params) -> None:
+  """Raises ``ValueError`` for a complex leaf: the preconditioners are fitted on real
+  Lie groups (``P = QᵀQ``), and casting would drop the imaginary part silently."""
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    dtype = getattr(leaf, "dtype", None)
+    if dtype is not None and jnp.issubdtype(dtype, jnp.complexfloating):
+      raise ValueError(
+          f"psgd_optax preconditioners take real parameters; the leaf at "
+          f"{jax.tree_util.keystr(path) or 'the root'} is {jnp.dtype(dtype).name}. Keep "
+          "complex parameters as real pairs (e.g. jnp.stack([z.real, z.imag])) and "
+          "rebuild z = x[0] + 1j * x[1] in the model.")

@@ -47,6 +47,9 @@ def check_number(
     raise ValueError(f"{name} must be a number, got the callable {value!r}.")
   if isinstance(value, (str, bytes)) or np.ndim(value) != 0:
     raise ValueError(f"{name} must be a scalar number, got {value!r}.")
+  if isinstance(value, (bool, np.bool_)) or (
+      hasattr(value, "dtype") and jnp.dtype(value.dtype) == jnp.bool_):
+    raise ValueError(f"{name} must be a number, got the boolean {value!r}.")
   number = concrete_float(value)
   if number is None:
     return
@@ -73,15 +76,67 @@ def check_integer(name: str, value: Any, *, low: float | None = None) -> None:
     raise ValueError(f"{name} must be an integer, got {value!r}.")
 
 
+_FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
+
+
 def check_float_dtype(name: str, value: Any) -> None:
-  """Raises ``ValueError`` unless ``value`` is a floating dtype or the name of one."""
+  """Raises ``ValueError`` unless ``value`` names one floating dtype JAX computes in.
+
+  Accepted: the names in ``_FLOAT_DTYPES`` and the dtypes or scalar types they name
+  (``jnp.float32``, ``np.dtype("float64")``). Generic spellings (``None``, ``float``,
+  ``"float"``) are refused: NumPy reads them as float64, which JAX truncates to float32
+  unless ``jax_enable_x64`` is on. ``float64`` itself needs ``jax_enable_x64`` where the
+  state is built (see :func:`check_x64`).
+  """
   if callable(value) and not isinstance(value, type):
     raise ValueError(
         f"{name} must be a dtype or its name, got {value!r} (with "
         f"optax.inject_hyperparams pass it by name, e.g. {name}='float64').")
-  try:
-    dtype = np.dtype(value)
-  except TypeError:
-    dtype = None
-  if dtype is None or not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"{name} must be a floating dtype, got {value!r}.")
+  dtype = None
+  if isinstance(value, str):
+    dtype = jnp.dtype(value) if value in _FLOAT_DTYPES else None
+  elif value is not None and value is not float:
+    try:
+      dtype = jnp.dtype(value)
+    except TypeError:
+      dtype = None
+  if dtype is None or dtype.name not in _FLOAT_DTYPES:
+    raise ValueError(f"{name} must be one of {_FLOAT_DTYPES} (or that dtype), got "
+                     f"{value!r}.")
+
+
+def check_x64(name: str, dtype) -> None:
+  """Raises ``ValueError`` for a float64 state built while ``jax_enable_x64`` is off (JAX
+  would store float32 arrays, with a warning)."""
+  if jnp.dtype(dtype) == jnp.float64 and not jax.config.jax_enable_x64:
+    raise ValueError(f"{name}='float64' needs jax_enable_x64 where the state is built "
+                     "(jax.config.update('jax_enable_x64', True), or inside "
+                     "jax.enable_x64(True)); without it JAX computes in float32.")
+
+
+def check_mask(name: str, value: Any) -> None:
+  """Raises ``ValueError`` unless ``value`` is ``None``, a callable or a pytree of bools."""
+  if value is None or callable(value):
+    return
+  leaves = jax.tree.leaves(value)
+  if isinstance(value, (str, bytes)) or not leaves or not all(
+      isinstance(leaf, (bool, np.bool_)) for leaf in leaves):
+    raise ValueError(f"{name} must be None, a callable of the params or a pytree of "
+                     f"booleans, got {value!r}.")
+
+
+def as_dtype(value: Any, dtype) -> jax.Array:
+  """A numeric hyperparameter (Python number, or array from ``inject_hyperparams``) in
+  ``dtype``: a float64 hyperparameter must not promote float32 state (``jax_enable_x64``)."""
+  return jnp.asarray(value, dtype)
+
+
+def check_rank(name: str, rank) -> None:
+  """``rank`` (or SPLU's ``order``) must be a whole number ≥ 1: a rank of 0 would store
+  zero-size ``U``, ``V`` (which Orbax cannot checkpoint) for what ``psgd.diag(geometry="eq")``
+  already is."""
+  check_integer(name, rank, low=0.0)
+  number = concrete_float(rank)
+  if number is not None and number < 1:
+    raise ValueError(f"{name} must be >= 1, got {rank!r}: with {name}=0 this preconditioner "
+                     "is diagonal; use psgd.diag(geometry='eq').")

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import math
 
-from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
-                                     check_lipschitz_decay, preconditioner_family)
 from psgd_optax._src.groups.factors import DiagonalFactor, FACTOR_KINDS
 from psgd_optax._src.groups.geometry import get_geometry
 from psgd_optax._src.groups.kron import KronGroup
@@ -56,7 +54,8 @@ def affine_group(shape, input_kind: str, *, lipschitz_decay=0.9) -> KronGroup:
   return KronGroup(shape, tuple(factors), geometry, lipschitz_decay)
 
 
-def _group_for_options(input_kind):
+def affine_group_for_options(input_kind: str):
+  """``group_for_options`` of ``scan`` (``"normalization"``) or ``scaw`` (``"triangular"``)."""
   def group_for_options(*, lipschitz_decay):
     def group_for_shape(shape, state_leaves=None):
       del state_leaves  # the shape fixes the structure
@@ -65,70 +64,8 @@ def _group_for_options(input_kind):
   return group_for_options
 
 
-_OPTIONS = [LIPSCHITZ_DECAY_OPTION]
-_LAYOUT = """
+AFFINE_LAYOUT_DOC = """
   Matrix leaves must be laid out as ``Θ = [weights; bias]`` of shape ``(in + 1, out)``:
   the last row multiplies the constant input 1. For Flax ``Dense`` layers wrap the
   transformation in :func:`psgd_optax.affine_pairs`, which joins each ``kernel``
   ``(in, out)`` with its ``bias`` ``(out,)`` (and splits the result back)."""
-
-scan = preconditioner_family(
-    "scan", __name__, _OPTIONS, _group_for_options("normalization"), check_lipschitz_decay,
-    r"""PSGD with the scaling-and-normalization (SCAN) preconditioner for affine layers.
-
-  .. math::
-    Q = Q_{\mathrm{in}} \otimes \mathrm{diag}(q_{\mathrm{out}}), \qquad
-    Q_{\mathrm{in}} = \begin{bmatrix} \mathrm{diag}(s) & m \\ 0 & s_n \end{bmatrix},
-
-  so ``x′ = Q_in [x; 1] = s ⊙ x + m`` normalizes the inputs (the papers' Eq. 25) and
-  ``q_out`` scales the outputs. ``O(in + out)`` memory per layer.
-""" + _LAYOUT + """
-
-  Args:
-""" + LIPSCHITZ_DECAY_DOC + """
-{engine_args}
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import psgd_optax as psgd
-    >>> params = {"theta": jnp.zeros((5, 3))}  # 4 inputs + bias, 3 outputs
-    >>> state = psgd.scan().init(params)
-    >>> [f.shape for f in psgd.preconditioner_per_leaf(state, params)["theta"].factors]
-    [(2, 5), (3,)]
-
-  References:
-    Li, *Preconditioner on matrix Lie group for SGD*, ICLR 2019 (§5.3).
-""")
-
-scaw = preconditioner_family(
-    "scaw", __name__, _OPTIONS, _group_for_options("triangular"), check_lipschitz_decay,
-    r"""PSGD with the scaling-and-whitening preconditioner for affine layers.
-
-  .. math::
-    Q = Q_{\mathrm{in}} \otimes \mathrm{diag}(q_{\mathrm{out}}), \qquad
-    Q_{\mathrm{in}}\ \text{upper triangular},
-
-  so ``x′ = Q_in [x; 1]`` whitens the augmented inputs and ``q_out`` scales the outputs.
-  ``O(in² + out)`` memory per layer.
-""" + _LAYOUT + """
-
-  Args:
-""" + LIPSCHITZ_DECAY_DOC + """
-{engine_args}
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import psgd_optax as psgd
-    >>> state = psgd.scaw().init(jnp.zeros((5, 3)))
-    >>> [f.shape for f in state.preconditioner["leaves_0"].factors]
-    [(5, 5), (3,)]
-
-  References:
-    Li, *Preconditioner on matrix Lie group for SGD*, ICLR 2019 (§5.4).
-""")

@@ -31,11 +31,11 @@ class Group(Protocol):
   def materialize(self, q: QState) -> jax.Array:
     """The dense ``P`` (``numel × numel``, row-major flattening); for tests and plots."""
 
-  # Optional: ``init_from_unit(unit, scale)`` returns ``init(scale, dtype)`` given
-  # ``unit = init(1.0, dtype)``. The engine starts each leaf's first fit from ``init`` at a
-  # scale read from the first pair, on every fitting step (a select, not a branch); a group
-  # whose ``init`` is costly (LRA draws random ``U``, ``V``) implements this so that the
-  # engine rescales the stored unit state instead.
+  # Optional: ``init_from_unset(q, scale)`` returns ``init(scale, dtype)`` given the state
+  # ``q`` of a unit whose scale is not set yet (``init`` at some other scale). The engine
+  # starts each unit's first fit from ``init`` at a scale read from the first usable pair,
+  # on every fitting step (a select, not a branch); a group whose ``init`` is costly (LRA
+  # draws random ``U``, ``V``) implements this so that the engine rescales instead.
 
 
 # (shape, state_leaves=None) -> Group. ``init`` passes no state; ``update`` passes the

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from psgd_optax._src.groups.geometry import Geometry
-from psgd_optax._src.normalize import spectral_norm_lower_bound
+from psgd_optax._src.normalize import norm, spectral_norm_lower_bound
 
 
 def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -177,9 +177,8 @@ class NormalizationFactor:
   def norm_bound(self, t1, t2):
     # ‖diag(e) + f e_nᵀ‖ ≤ max|e| + ‖f‖ for the pattern of |T1| + |T2|.
     if jnp.ndim(t2) == 0:
-      return jnp.max(t1[0] + t2) + jnp.sqrt(jnp.sum(t1[1] ** 2))
-    return (jnp.max(t1[0] + t2[0]) + jnp.sqrt(jnp.sum(t1[1] ** 2))
-            + jnp.sqrt(jnp.sum(t2[1] ** 2)))
+      return jnp.max(t1[0] + t2) + norm(t1[1])
+    return jnp.max(t1[0] + t2[0]) + norm(t1[1]) + norm(t2[1])
 
   def step(self, q, t1, t2, step, geometry: Geometry):
     if not geometry.keeps_triangular:

@@ -99,6 +99,10 @@ class Geometry:
     # Q − μE·Q is applied as (I − μE)·Q: the elementwise I − μE replaces E in the product,
     # so neither E nor E·Q is kept beside Q (the same product, one n×n array fewer).
     eye = jnp.eye(q.shape[0], dtype=q.dtype)
+    # E is symmetric in exact arithmetic; its rounding may not be. Made exactly symmetric,
+    # a symmetric Q (the first fit's, from s·I) stays so, and the Procrustes step sees no
+    # rounding-level skew part, whose normalization has no meaningful derivative.
+    direction = 0.5 * (direction + direction.T)
     if self.name == "eq":
       return (eye - step * jnp.triu(direction)) @ q
     if self.name == "quad":

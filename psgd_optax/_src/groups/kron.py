@@ -22,22 +22,36 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 
-from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
-                                     check_lipschitz_decay, keyword, preconditioner_family)
-from psgd_optax._src.groups.factors import FACTOR_KINDS, DenseFactor, DiagonalFactor
+from psgd_optax._src.groups.factors import FACTOR_KINDS
 from psgd_optax._src.groups.geometry import GEOMETRIES, Geometry, get_geometry
-from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_choice, check_number
+from psgd_optax._src.normalize import lipschitz_step, scale_pair
+from psgd_optax._src.validation import check_choice
 
 MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 
 
 class KronState(NamedTuple):
-  """``Q``'s factors (``n×n`` matrices or length-``n`` vectors) and their Lipschitz
-  estimates (one per factor). Flat leaves: ``[Q₁, …, Q_k, lipschitz]``."""
+  """``Q``'s symmetric positive definite factors (``n×n`` matrices or length-``n``
+  vectors; geometries ``"q0.5eq1.5"`` and ``"quad"``) and their Lipschitz estimates (one
+  per factor). Flat leaves: ``[Q₁, …, Q_k, lipschitz]``."""
 
   factors: tuple
   lipschitz: jax.Array
+
+
+class TriangularKronState(NamedTuple):
+  """``Q``'s upper-triangular factors (geometry ``"eq"``) and their Lipschitz estimates.
+
+  A field name of its own, so that a checkpoint of SPD factors is not restored as
+  triangular ones (Orbax refuses a target whose field it does not hold); ``factors``
+  reads them as :class:`KronState` does."""
+
+  triangular_factors: tuple
+  lipschitz: jax.Array
+
+  @property
+  def factors(self) -> tuple:
+    return self.triangular_factors
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,12 +76,14 @@ class KronGroup:
   def core_shape(self) -> tuple[int, ...]:
     return tuple(f.size for f in self.factors)
 
-  def init(self, scale, dtype) -> KronState:
+  @property
+  def state_type(self) -> type:
+    return TriangularKronState if self.geometry.keeps_triangular else KronState
+
+  def init(self, scale, dtype) -> KronState | TriangularKronState:
     per_factor = jnp.asarray(scale, dtype) ** (1.0 / len(self.factors))
-    return KronState(
-        factors=tuple(f.identity(per_factor, dtype) for f in self.factors),
-        lipschitz=jnp.zeros((len(self.factors),), dtype),
-    )
+    return self.state_type(tuple(f.identity(per_factor, dtype) for f in self.factors),
+                           jnp.zeros((len(self.factors),), dtype))
 
   def _apply_q(self, q: KronState, x, transpose=False):
     for axis, (factor, matrix) in enumerate(zip(self.factors, q.factors)):
@@ -92,8 +108,10 @@ class KronGroup:
       probe = v
       for axis, (factor, matrix) in enumerate(zip(self.factors, q.factors)):
         probe = factor.solve_transpose(matrix, probe, axis)
+      unit, fitted, probe = scale_pair(fitted, probe)
       probe_moments = [f.second_moment(probe, i) for i, f in enumerate(self.factors)]
     else:
+      unit = 1.0
       fitted = self._precondition_core(q, h)
       if integrate_probe:
         probe_moments = [jnp.asarray(numel / f.size, h.dtype) for f in self.factors]
@@ -104,12 +122,11 @@ class KronGroup:
     for axis, factor in enumerate(self.factors):
       t1 = factor.second_moment(fitted, axis)
       t2 = probe_moments[axis]
-      lipschitz = lipschitz_update(q.lipschitz[axis], factor.norm_bound(t1, t2),
-                                   self.lipschitz_decay)
-      step = safe_step(lr, lipschitz)
+      step, lipschitz = lipschitz_step(lr, q.lipschitz[axis], factor.norm_bound(t1, t2),
+                                       self.lipschitz_decay, unit)
       new_factors.append(factor.step(q.factors[axis], t1, t2, step, self.geometry))
       new_lipschitz.append(lipschitz)
-    return KronState(tuple(self._balance(new_factors)), jnp.stack(new_lipschitz))
+    return self.state_type(tuple(self._balance(new_factors)), jnp.stack(new_lipschitz))
 
   def _balance(self, matrices):
     """Rescales factors to equal max-abs (their product is unchanged)."""
@@ -182,21 +199,35 @@ def kron_group(shape, *, max_size=8192, max_skew=4.0, memory_save_mode=None,
 def flat_group(factor_kind: str, shape, *, geometry="q0.5eq1.5",
                lipschitz_decay=0.9) -> KronGroup:
   """One factor of ``factor_kind`` over the flattened leaf (the dense and diag groups)."""
-  factor = FACTOR_KINDS[factor_kind](math.prod(shape))
-  return KronGroup(tuple(shape), (factor,), get_geometry(geometry), lipschitz_decay)
+  return KronGroup(tuple(shape), (FACTOR_KINDS[factor_kind](math.prod(shape)),),
+                   get_geometry(geometry), lipschitz_decay)
 
 
-def flat_group_for_options(factor_kind: str):
-  """``group_for_options`` of a single-factor family: the shape fixes the structure."""
+def dense_group(shape, *, geometry="q0.5eq1.5", lipschitz_decay=0.9) -> KronGroup:
+  """The dense group over a leaf of ``shape`` (flattened to ``numel``): one ``n × n`` ``Q``,
+  which can represent any SPD ``P`` (``O(n²)`` memory, ``O(n³)`` per fit).
 
-  def group_for_options(*, geometry, lipschitz_decay):
-    def group_for_shape(shape, state_leaves=None):
-      del state_leaves
-      return flat_group(factor_kind, shape, geometry=geometry,
-                        lipschitz_decay=lipschitz_decay)
-    return group_for_shape
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.dense_group((2, 3))
+    >>> group.init(1.0, jnp.float32).factors[0].shape
+    (6, 6)
+  """
+  return flat_group("dense", shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
 
-  return group_for_options
+
+def diag_group(shape, *, geometry="q0.5eq1.5", lipschitz_decay=0.9) -> KronGroup:
+  """The diagonal group over a leaf of ``shape``: ``Q = diag(d)`` with ``d > 0`` (for
+  whitening pairs ``P → diag(E[g²])^{-1/2}``, an Adam-like scaling, fitted).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> psgd.diag_group((2, 3)).init(1.0, jnp.float32).factors[0].shape
+    (6,)
+  """
+  return flat_group("diagonal", shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
 
 
 def state_factor_kinds(state_leaves) -> tuple[str, ...]:
@@ -205,24 +236,10 @@ def state_factor_kinds(state_leaves) -> tuple[str, ...]:
   return tuple("dense" if jnp.ndim(f) == 2 else "diagonal" for f in state_leaves[:-1])
 
 
-def check_group_options(geometry, lipschitz_decay) -> None:
-  """Validates the options every group built from factors shares."""
-  check_choice("geometry", geometry, GEOMETRIES)
-  check_lipschitz_decay(lipschitz_decay)
-
-
-GEOMETRY_OPTIONS = [
-    keyword("geometry", "q0.5eq1.5", str),
-    LIPSCHITZ_DECAY_OPTION,
-]
-GEOMETRY_ARGS_DOC = """    geometry: how ``Q`` moves: ``"q0.5eq1.5"`` (default, inverse-free, ``Q`` kept SPD),
-      ``"eq"`` (the papers' triangular rule) or ``"quad"``; see
-      :mod:`psgd_optax._src.groups.geometry`.
-""" + LIPSCHITZ_DECAY_DOC
-
-
-def _kron_group_for_options(*, max_size, max_skew, memory_save_mode, geometry,
-                            lipschitz_decay):
+def kron_group_for_options(*, max_size, max_skew, memory_save_mode, geometry,
+                           lipschitz_decay):
+  """``group_for_shape`` of ``psgd.kron``: in ``update`` the factor kinds are read from the
+  stored state (``max_size``, ``max_skew`` may be traced by ``inject_hyperparams``)."""
   def group_for_shape(shape, state_leaves=None):
     kinds = None if state_leaves is None else state_factor_kinds(state_leaves)
     return kron_group(shape, max_size=max_size, max_skew=max_skew,
@@ -231,58 +248,10 @@ def _kron_group_for_options(*, max_size, max_skew, memory_save_mode, geometry,
   return group_for_shape
 
 
-def _check_kron_options(*, max_size, max_skew, memory_save_mode, geometry, lipschitz_decay):
-  check_number("max_size", max_size, low=1.0)
-  check_number("max_skew", max_skew, low=0.0, low_open=True)
-  check_choice("memory_save_mode", memory_save_mode, MEMORY_SAVE_MODES)
-  check_group_options(geometry, lipschitz_decay)
+def flat_group_for_options(factor_kind: str, *, geometry, lipschitz_decay):
+  """``group_for_shape`` of ``psgd.dense`` / ``psgd.diag``: the shape fixes the structure."""
+  def group_for_shape(shape, state_leaves=None):
+    del state_leaves
+    return flat_group(factor_kind, shape, geometry=geometry, lipschitz_decay=lipschitz_decay)
+  return group_for_shape
 
-
-kron = preconditioner_family(
-    "kron", __name__,
-    [keyword("max_size", 8192, int), keyword("max_skew", 4.0, float),
-     keyword("memory_save_mode", None, "str | None")] + GEOMETRY_OPTIONS,
-    _kron_group_for_options, _check_kron_options, r"""PSGD with a Kronecker-product preconditioner per leaf.
-
-  For a leaf of shape ``(n₁, …, n_k)``, ``Q = Q₁ ⊗ … ⊗ Q_k`` with a dense or diagonal
-  factor per axis, fitted online so that
-
-  .. math::
-    P = Q^\top Q \;\to\; \arg\min_P\; \mathbb{E}[h^\top P h + v^\top P^{-1} v],
-    \qquad P\,\mathbb{E}[h h^\top]\,P = \mathbb{E}[v v^\top],
-
-  i.e. ``P → |H|⁻¹`` for Newton pairs ``h = Hv`` and ``P → C^{-1/2}`` for whitening
-  pairs ``h = g`` with ``C = E[ggᵀ]``. Returns ``P g`` (chain with
-  ``optax.scale(-learning_rate)``, or use :func:`psgd_optax.optimizers.kron`).
-
-  Args:
-    max_size: axes longer than this get a diagonal factor.
-    max_skew: an axis of size ``n`` gets a dense factor only if ``n² ≤ max_skew·numel``.
-    memory_save_mode: ``None``, ``"one_diag"`` (largest axis diagonal) or ``"all_diag"``.
-""" + GEOMETRY_ARGS_DOC + """
-{engine_args}
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs`; its ``update`` takes
-    ``(updates, state, params=None, *, value_fn=None, hvp=None, vector=None, **extra_args)``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import psgd_optax as psgd
-    >>> params = {"w": jnp.ones((3, 4)), "b": jnp.zeros(4)}
-    >>> loss = lambda p: jnp.sum((p["w"] @ jnp.ones(4) - 1.0) ** 2) + jnp.sum(p["b"] ** 2)
-    >>> tx = optax.chain(psgd.kron(), optax.scale(-0.1))
-    >>> state = tx.init(params)
-    >>> grads = jax.grad(loss)(params)
-    >>> updates, state = tx.update(grads, state, params)
-    >>> jax.tree.map(jnp.shape, updates)
-    {'b': (4,), 'w': (3, 4)}
-
-  References:
-    Li, *Preconditioned stochastic gradient descent*, IEEE TNNLS 2018.
-    Li, *Preconditioner on matrix Lie group for SGD*, ICLR 2019.
-""")
-
-
-__all__ = ["KronGroup", "KronState", "kron", "kron_group", "factor_kinds",
-           "DenseFactor", "DiagonalFactor"]

@@ -6,8 +6,8 @@ Hessian's spectrum, which ``ρI + UUᵀ`` cannot. The three parts are fitted on 
 groups with ``a = Qh`` and ``b = Q⁻ᵀv``:
 
 - ``d`` on the diagonal group (``dQ = E_d Q``): ``d ← d − μ(a² − b²) ⊙ d``, the triangular
-  rule of :func:`psgd_optax.diag` with ``geometry="eq"``, so ``rank=0`` *is* that
-  preconditioner.
+  rule of :func:`psgd_optax.diag` with ``geometry="eq"`` (which is what a rank of 0 would
+  be: use that family instead of zero-width ``U``, ``V``).
 - ``U`` on ``A_V(U) = I + UVᵀ`` (``V`` fixed, ``dA = EVᵀA``):
   ``∇_U = D M D⁻¹ V`` with ``M = aaᵀ − bbᵀ``, ``U ← U − μ ∇_U (I + VᵀU)``.
 - ``V`` on ``A_U(V)`` (``U`` fixed, ``dA = UEᵀA``): ``∇_V = D⁻¹ M D U``,
@@ -18,7 +18,10 @@ groups with ``a = Qh`` and ``b = Q⁻ᵀv``:
 by a Lipschitz estimate of its generator's norm (``‖∇_U Vᵀ‖``, at most rank two), so
 ``μ‖generator‖ < 1`` keeps ``Q`` on the group. After every fit ``U`` and ``V`` are
 rescaled to equal norms (``UVᵀ`` is unchanged). ``U`` and ``V`` start small and random
-(fixed seed): at ``U = V = 0`` neither gradient moves.
+(fixed seed): at ``U = V = 0`` neither gradient moves. Norms are taken of rescaled
+vectors (:func:`~psgd_optax._src.normalize.norm`): at a loss scale of 1e-20 the vectors
+the bounds multiply are ~1e-20, whose float32 squares flush to zero, and a step
+normalized by a bound of 0 would throw ``U`` off its group.
 """
 
 from __future__ import annotations
@@ -29,14 +32,11 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.numpy.linalg import norm
 
-from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
-                                     check_lipschitz_decay, keyword, preconditioner_family)
 from psgd_optax._src.groups.factors import DiagonalFactor
 from psgd_optax._src.groups.geometry import get_geometry
-from psgd_optax._src.normalize import lipschitz_update, safe_step
-from psgd_optax._src.validation import check_integer
+from psgd_optax._src.normalize import lipschitz_step, norm, scale_pair
+from psgd_optax._src.validation import check_rank
 
 _EQ = get_geometry("eq")
 
@@ -54,7 +54,7 @@ class LRAState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class LRAGroup:
-  """``diag(d)(I + UVᵀ)`` over a flattened leaf of ``shape``, rank ``min(rank, n)``."""
+  """``diag(d)(I + UVᵀ)`` over a flattened leaf of ``shape``, rank ``min(rank, n) ≥ 1``."""
 
   shape: tuple[int, ...]
   rank: int = 10
@@ -72,7 +72,7 @@ class LRAGroup:
     n, r = self.size, self.effective_rank
     key_u, key_v = jax.random.split(jax.random.key(0))
     # Columns of norm ~0.1: I + UVᵀ starts close to I but with a nonzero gradient.
-    spread = 0.1 / max(n * max(r, 1), 1) ** 0.5
+    spread = 0.1 / (n * r) ** 0.5
     return LRAState(
         d=jnp.asarray(scale, dtype) * jnp.ones((n,), dtype),
         u=spread * jax.random.normal(key_u, (n, r), dtype),
@@ -81,20 +81,19 @@ class LRAGroup:
         fit_u=jnp.ones([], dtype),
     )
 
-  def init_from_unit(self, unit: LRAState, scale) -> LRAState:
-    """``init(scale)`` from ``init(1.0)``: only ``d`` depends on the scale."""
-    return unit._replace(d=unit.d * jnp.asarray(scale, unit.d.dtype))
+  def init_from_unset(self, unset: LRAState, scale) -> LRAState:
+    """``init(scale)`` from the state of a unit whose scale is not set (``init`` at some
+    scale): only ``d`` depends on the scale, so ``U``, ``V`` are not drawn again."""
+    return unset._replace(d=jnp.full_like(unset.d, scale))
 
   def _apply_a(self, q, x):
-    return x + q.u @ (q.v.T @ x) if self.effective_rank else x
+    return x + q.u @ (q.v.T @ x)
 
   def _apply_a_transpose(self, q, x):
-    return x + q.v @ (q.u.T @ x) if self.effective_rank else x
+    return x + q.v @ (q.u.T @ x)
 
   def _solve_a_transpose(self, q, x):
     """``(I + VUᵀ)⁻¹ x = x − V (I + UᵀV)⁻¹ Uᵀx`` (an r × r solve)."""
-    if not self.effective_rank:
-      return x
     small = jnp.eye(self.effective_rank, dtype=x.dtype) + q.u.T @ q.v
     return x - q.v @ jnp.linalg.solve(small, q.u.T @ x)
 
@@ -113,14 +112,13 @@ class LRAGroup:
     fitted = q.d * a_h                     # a = Q h
     a_inv_v = self._solve_a_transpose(q, v)  # A⁻ᵀ v
     probe = a_inv_v / q.d                  # b = Q⁻ᵀ v
+    unit, fitted, probe, a_h, a_inv_v = scale_pair(fitted, probe, a_h, a_inv_v)
 
     diagonal = DiagonalFactor(self.size)
     t1, t2 = fitted * fitted, probe * probe
-    lipschitz_d = lipschitz_update(q.lipschitz[0], diagonal.norm_bound(t1, t2),
-                                   self.lipschitz_decay)
-    d = diagonal.step(q.d, t1, t2, safe_step(lr, lipschitz_d), _EQ)
-    if not self.effective_rank:
-      return q._replace(d=d, lipschitz=q.lipschitz.at[0].set(lipschitz_d))
+    step_d, lipschitz_d = lipschitz_step(lr, q.lipschitz[0], diagonal.norm_bound(t1, t2),
+                                         self.lipschitz_decay, unit)
+    d = diagonal.step(q.d, t1, t2, step_d, _EQ)
 
     # With x = D a = D²Ah, y = D⁻¹a = Ah, p = D b = A⁻ᵀv, s = D⁻¹ b:
     # ∇_U = x (Vᵀy)ᵀ − p (Vᵀs)ᵀ and ∇_V = y (Uᵀx)ᵀ − s (Uᵀp)ᵀ.
@@ -129,16 +127,16 @@ class LRAGroup:
     def move_u(_):
       grad = jnp.outer(x, q.v.T @ y) - jnp.outer(p, q.v.T @ s)
       bound = norm(x) * norm(q.v @ (q.v.T @ y)) + norm(p) * norm(q.v @ (q.v.T @ s))
-      lipschitz = lipschitz_update(q.lipschitz[1], bound, self.lipschitz_decay)
+      step, lipschitz = lipschitz_step(lr, q.lipschitz[1], bound, self.lipschitz_decay, unit)
       small = jnp.eye(self.effective_rank, dtype=h.dtype) + q.v.T @ q.u
-      u = q.u - safe_step(lr, lipschitz) * (grad @ small)
+      u = q.u - step * (grad @ small)
       return u, q.v, q.lipschitz.at[1].set(lipschitz)
 
     def move_v(_):
       grad = jnp.outer(y, q.u.T @ x) - jnp.outer(s, q.u.T @ p)
       bound = norm(q.u @ (q.u.T @ x)) * norm(y) + norm(q.u @ (q.u.T @ p)) * norm(s)
-      lipschitz = lipschitz_update(q.lipschitz[2], bound, self.lipschitz_decay)
-      v_new = q.v - safe_step(lr, lipschitz) * (grad + q.v @ (q.u.T @ grad))
+      step, lipschitz = lipschitz_step(lr, q.lipschitz[2], bound, self.lipschitz_decay, unit)
+      v_new = q.v - step * (grad + q.v @ (q.u.T @ grad))
       return q.u, v_new, q.lipschitz.at[2].set(lipschitz)
 
     u, v_new, lipschitz = jax.lax.cond(q.fit_u > 0.5, move_u, move_v, None)
@@ -177,55 +175,13 @@ def lra_group(shape, *, rank=10, lipschitz_decay=0.9) -> LRAGroup:
     >>> bool(jnp.allclose(group.materialize(q), 4.0 * jnp.eye(6), atol=0.1))  # U, V small
     True
   """
+  check_rank("rank", rank)
   return LRAGroup(tuple(shape), int(rank), lipschitz_decay)
 
 
-def _check_options(*, rank, lipschitz_decay):
-  check_integer("rank", rank, low=0.0)
-  check_lipschitz_decay(lipschitz_decay)
-
-
-def _group_for_options(*, rank, lipschitz_decay):
+def lra_group_for_options(*, rank, lipschitz_decay):
   def group_for_shape(shape, state_leaves=None):
     # The rank is read from the state in update (inject_hyperparams may trace options).
     effective = rank if state_leaves is None else state_leaves[2].shape[-1]
     return LRAGroup(tuple(shape), int(effective), lipschitz_decay)
   return group_for_shape
-
-
-lra = preconditioner_family(
-    "lra", __name__,
-    [keyword("rank", 10, int), LIPSCHITZ_DECAY_OPTION],
-    _group_for_options, _check_options,
-    r"""PSGD with a low-rank-plus-diagonal preconditioner ``Q = diag(d)(I + UVᵀ)`` per leaf.
-
-  .. math::
-    P = (I + VU^\top)\,\mathrm{diag}(d)^2\,(I + UV^\top), \qquad
-    U, V \in \mathbb{R}^{n \times r},
-
-  fitted on the diagonal group and on the groups :math:`A_V(U)` and :math:`A_U(V)` (see
-  :mod:`psgd_optax._src.groups.lra`). Memory ``(2r + 1)n`` and ``O(rn)`` work per fit,
-  so it suits large leaves and whole models: ``optax.flatten(psgd.lra(rank=10))``.
-  ``rank=0`` is exactly ``psgd.diag(geometry="eq")``.
-
-  Args:
-    rank: ``r``, the number of columns of ``U`` and ``V`` (capped at the leaf size).
-""" + LIPSCHITZ_DECAY_DOC + """
-{engine_args}
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp, optax
-    >>> import psgd_optax as psgd
-    >>> params = {"w": jnp.zeros((4, 3)), "b": jnp.zeros(3)}
-    >>> tx = optax.flatten(psgd.lra(rank=2, curvature="newton"))
-    >>> state = tx.init(params)
-    >>> state.preconditioner["leaves_0"].u.shape   # one LRA over all 15 parameters
-    (15, 2)
-
-  References:
-    Li, Xu and Demir, *Curvature-informed SGD via general purpose Lie-group
-    preconditioners*, 2023 (Section 3.2, Appendices C–D).
-""")

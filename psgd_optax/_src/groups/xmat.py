@@ -33,18 +33,30 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from psgd_optax._src.family import (LIPSCHITZ_DECAY_DOC, LIPSCHITZ_DECAY_OPTION,
-                                     check_lipschitz_decay, preconditioner_family)
-from psgd_optax._src.normalize import lipschitz_update, safe_step
+from psgd_optax._src.normalize import lipschitz_step, scale_pair
 
 PERMUTATIONS = ("flip", "half_swap")
 
 
 class XState(NamedTuple):
-  """``Q = diag(a) + diag(b)·Π_σ`` and the Lipschitz estimate of its fit."""
+  """X-shape ``Q = diag(a) + diag(b)·J`` (``J`` reverses the leaf): its diagonal ``a``,
+  its anti-diagonal ``b`` and the Lipschitz estimate of its fit."""
 
-  a: jax.Array
-  b: jax.Array
+  diagonal: jax.Array
+  anti_diagonal: jax.Array
+  lipschitz: jax.Array
+
+
+class ButterflyState(NamedTuple):
+  """Butterfly ``Q = diag(a) + diag(b)·S`` (``S`` swaps the leaf's halves): ``a``, the
+  coefficients ``b`` of the swapped entries and the Lipschitz estimate of its fit.
+
+  Field names of its own, so that an X-shape checkpoint (same shapes, another coupling)
+  is not restored as a butterfly one (Orbax refuses a target whose field it does not hold).
+  """
+
+  diagonal: jax.Array
+  half_swap: jax.Array
   lipschitz: jax.Array
 
 
@@ -56,6 +68,9 @@ class InvolutionGroup:
     shape: the leaf's shape.
     permutation: ``"flip"`` (``xmat``) or ``"half_swap"`` (``butterfly``).
     lipschitz_decay: decay of the step normalizer's moving estimate.
+
+  Its state is an :class:`XState` or a :class:`ButterflyState`, read by position here:
+  ``q[0] = a``, ``q[1] = b``, ``q[2]`` the Lipschitz estimate.
   """
 
   shape: tuple[int, ...]
@@ -78,22 +93,26 @@ class InvolutionGroup:
     index = jnp.arange(self.size)
     return (self.sigma(index) != index).astype(dtype)
 
-  def init(self, scale, dtype) -> XState:
+  @property
+  def state_type(self) -> type:
+    return XState if self.permutation == "flip" else ButterflyState
+
+  def init(self, scale, dtype) -> XState | ButterflyState:
     scale = jnp.asarray(scale, dtype)
-    return XState(a=scale * jnp.ones((self.size,), dtype), b=jnp.zeros((self.size,), dtype),
-                  lipschitz=jnp.zeros([], dtype))
+    return self.state_type(scale * jnp.ones((self.size,), dtype),
+                           jnp.zeros((self.size,), dtype), jnp.zeros([], dtype))
 
   def apply(self, q: XState, x: jax.Array) -> jax.Array:
     """``Q x`` for a flat ``x``."""
-    return q.a * x + q.b * self.sigma(x)
+    return q[0] * x + q[1] * self.sigma(x)
 
   def apply_transpose(self, q: XState, x: jax.Array) -> jax.Array:
     """``Qᵀ x``: ``Π_σ`` is symmetric, so ``(diag(b) Π_σ)ᵀ x = σ(b ⊙ x)``."""
-    return q.a * x + self.sigma(q.b * x)
+    return q[0] * x + self.sigma(q[1] * x)
 
   def _determinant_terms(self, q: XState) -> jax.Array:
     # c = a ⊙ σ(a) − b ⊙ σ(b); each 2×2 block [[a_i, b_i], [b_σi, a_σi]] has det c_i.
-    return q.a * self.sigma(q.a) - q.b * self.sigma(q.b)
+    return q[0] * self.sigma(q[0]) - q[1] * self.sigma(q[1])
 
   def solve_transpose(self, q: XState, x: jax.Array) -> jax.Array:
     """``Q⁻ᵀ x`` for a leaf-shaped ``x``, from the closed-form inverse."""
@@ -101,7 +120,7 @@ class InvolutionGroup:
     c = self._determinant_terms(q)
     # Q stays invertible on its group (c ≠ 0); the guard only keeps a corrupt state finite.
     c = jnp.where(c == 0, jnp.finfo(c.dtype).tiny, c)
-    inverse = XState(a=self.sigma(q.a) / c, b=-q.b / c, lipschitz=q.lipschitz)
+    inverse = self.state_type(self.sigma(q[0]) / c, -q[1] / c, q.lipschitz)
     return self.apply_transpose(inverse, flat).reshape(x.shape)
 
   def precondition(self, q: XState, g: jax.Array) -> jax.Array:
@@ -109,8 +128,8 @@ class InvolutionGroup:
 
   def update(self, q: XState, v, h, lr, *, integrate_probe: bool) -> XState:
     del integrate_probe  # the fit needs Q⁻ᵀv explicitly
-    fitted = self.apply(q, h.reshape(-1))
-    probe = self.solve_transpose(q, v.reshape(-1))
+    unit, fitted, probe = scale_pair(self.apply(q, h.reshape(-1)),
+                                     self.solve_transpose(q, v.reshape(-1)))
     mask = self.moved_mask(fitted.dtype)
     grad_a = fitted * fitted - probe * probe
     cross_fitted = fitted * self.sigma(fitted)
@@ -120,16 +139,15 @@ class InvolutionGroup:
     # entries), so μ‖E‖ ≤ lr < 1 keeps Q invertible.
     bound = jnp.max(fitted * fitted + probe * probe
                     + mask * (jnp.abs(cross_fitted) + jnp.abs(cross_probe)))
-    lipschitz = lipschitz_update(q.lipschitz, bound, self.lipschitz_decay)
-    step = safe_step(lr, lipschitz)
+    step, lipschitz = lipschitz_step(lr, q.lipschitz, bound, self.lipschitz_decay, unit)
     # Q ← (I − μE) Q with the group's product rule.
-    a = q.a - step * (grad_a * q.a + grad_b * self.sigma(q.b))
-    b = q.b - step * (grad_a * q.b + grad_b * self.sigma(q.a))
-    return XState(a=a, b=b * mask, lipschitz=lipschitz)
+    a = q[0] - step * (grad_a * q[0] + grad_b * self.sigma(q[1]))
+    b = q[1] - step * (grad_a * q[1] + grad_b * self.sigma(q[0]))
+    return self.state_type(a, b * mask, lipschitz)
 
   def q_matrix(self, q: XState) -> jax.Array:
     """The dense ``Q`` (for tests and plots)."""
-    eye = jnp.eye(self.size, dtype=q.a.dtype)
+    eye = jnp.eye(self.size, dtype=q[0].dtype)
     return jax.vmap(lambda column: self.apply(q, column), in_axes=1, out_axes=1)(eye)
 
   def materialize(self, q: XState) -> jax.Array:
@@ -144,7 +162,7 @@ def xmat_group(shape, *, lipschitz_decay=0.9) -> InvolutionGroup:
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> group = psgd.xmat_group((4,))
-    >>> q = group.init(1.0, jnp.float32)._replace(b=jnp.array([0.5, 0.0, 0.0, 0.0]))
+    >>> q = group.init(1.0, jnp.float32)._replace(anti_diagonal=jnp.array([0.5, 0, 0, 0]))
     >>> group.q_matrix(q)[0]          # row 0: diagonal 1, anti-diagonal 0.5
     Array([1. , 0. , 0. , 0.5], dtype=float32)
   """
@@ -159,85 +177,18 @@ def butterfly_group(shape, *, lipschitz_decay=0.9) -> InvolutionGroup:
     >>> import jax.numpy as jnp
     >>> import psgd_optax as psgd
     >>> group = psgd.butterfly_group((4,))
-    >>> q = group.init(1.0, jnp.float32)._replace(b=jnp.array([0.5, 0.0, 0.0, 0.0]))
+    >>> q = group.init(1.0, jnp.float32)._replace(half_swap=jnp.array([0.5, 0, 0, 0]))
     >>> group.q_matrix(q)[0]          # row 0 couples entry 0 with entry 2
     Array([1. , 0. , 0.5, 0. ], dtype=float32)
   """
   return InvolutionGroup(tuple(shape), "half_swap", lipschitz_decay)
 
 
-def _group_for_options(permutation):
+def involution_group_for_options(permutation: str):
+  """``group_for_options`` of ``xmat`` (``"flip"``) or ``butterfly`` (``"half_swap"``)."""
   def group_for_options(*, lipschitz_decay):
     def group_for_shape(shape, state_leaves=None):
-      del state_leaves
+      del state_leaves  # the shape fixes the structure
       return InvolutionGroup(tuple(shape), permutation, lipschitz_decay)
     return group_for_shape
   return group_for_options
-
-
-_OPTIONS = [LIPSCHITZ_DECAY_OPTION]
-
-xmat = preconditioner_family(
-    "xmat", __name__, _OPTIONS, _group_for_options("flip"), check_lipschitz_decay,
-    r"""PSGD with an X-shape preconditioner per leaf: ``Q = diag(a) + diag(b)·J``.
-
-  ``J`` reverses the flattened leaf, so ``Q`` has nonzeros on its diagonal and
-  anti-diagonal: each parameter is coupled with its mirror image, at ``O(n)`` cost.
-
-  .. math::
-    Q \leftarrow Q - \frac{\mu}{L}\,\Pi_X\!\big(a a^\top - b b^\top\big)\,Q,
-    \qquad a = Q h,\; b = Q^{-\top} v,
-
-  where :math:`\Pi_X` keeps the diagonal and anti-diagonal. For the whole model as one
-  vector use ``optax.flatten(psgd.xmat())``.
-
-  Args:
-""" + LIPSCHITZ_DECAY_DOC + """
-{engine_args}
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> import psgd_optax as psgd
-    >>> tx = psgd.xmat(curvature="newton", update_probability=1.0, precond_lr=0.5)
-    >>> state = tx.init(jnp.zeros(4))
-    >>> q = state.preconditioner["leaves_0"]
-    >>> q.a.shape, q.b.shape
-    ((4,), (4,))
-
-  References:
-    Li, Xu and Demir, *Curvature-informed SGD via general purpose Lie-group
-    preconditioners*, 2023 (Theorem 3.1, Example 2).
-""")
-
-butterfly = preconditioner_family(
-    "butterfly", __name__, _OPTIONS, _group_for_options("half_swap"),
-    check_lipschitz_decay,
-    r"""PSGD with a butterfly preconditioner per leaf: ``Q = diag(a) + diag(b)·S``.
-
-  ``S`` swaps the two halves of the flattened leaf (a circular shift by ``n/2``; for odd
-  ``n`` the last entry stays on the diagonal), so each parameter is coupled with the one
-  half a leaf away. Same fit and cost as :func:`psgd_optax.xmat`.
-
-  Args:
-""" + LIPSCHITZ_DECAY_DOC + """
-{engine_args}
-
-  Returns:
-    An :class:`optax.GradientTransformationExtraArgs` returning ``P g``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> import psgd_optax as psgd
-    >>> tx = psgd.butterfly()
-    >>> params = {"w": jnp.zeros((3, 3))}
-    >>> state = tx.init(params)
-    >>> psgd.preconditioner_per_leaf(state, params)["w"].a.shape
-    (9,)
-
-  References:
-    Li, Xu and Demir, *Curvature-informed SGD via general purpose Lie-group
-    preconditioners*, 2023 (Theorem 3.1, Example 3).
-""")
