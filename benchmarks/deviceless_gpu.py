@@ -30,7 +30,7 @@ per optimizer, for a step that does not fit the preconditioner:
   iteration or branch reads a predicate back to the host first).
 
 ``--compile-blocks`` instead runs ``scale.py``'s compile-time table (the residual MLP of N
-identical blocks, every layout, and Adam for the model's own share) through the XLA:GPU
+identical blocks, and Adam for the model's own share) through the XLA:GPU
 pipeline. Without a device there is no autotuning, so each compile is a little shorter
 than on a GPU machine; the growth with depth is what it measures.
 
@@ -172,7 +172,7 @@ def commands_table(models, probability, donate, dump_dir, place, device):
     theirs = rows["psgdax"]
     for name, ours in rows.items():
       if name != "psgdax":
-        print(f"{'':<12}{'ratio ' + name[5:]:>16}{'':>9}"
+        print(f"{'':<12}{'ratio':>16}{'':>9}"
               f"{ours.recorded / theirs.recorded:>9.2f}×")
 
 

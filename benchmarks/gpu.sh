@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# The GPU measurements still open in issue 5, as one run that fits a short GPU lease (each
-# part at most 150 s; not yet run on a GPU): the MLP of scale.py at update probability 0.1,
-# the default layout and the looped bucket, each beside psgdax,
+# GPU step times beside psgdax, as one run that fits a short GPU lease (each part at most
+# 150 s; not yet run on a GPU): the MLP of scale.py at update probability 0.1,
 #   1. as recorded before (the step's arguments not donated);
 #   2. with params and state donated (stable buffer addresses for XLA:GPU's command buffers);
 #   3. with conditionals kept out of the command buffers (a step that does not fit should
@@ -25,7 +24,7 @@ export PYTHONPATH="$(cd .. && pwd)${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=
 export JAX_DEFAULT_MATMUL_PRECISION=highest
 python="${PYTHON:-python3}"
 versus=("$python" scale.py --versus psgdax --models mlp --probabilities 0.1
-        --layouts per_bucket looped --steps ${STEPS:-30} --rounds ${ROUNDS:-3})
+        --steps ${STEPS:-30} --rounds ${ROUNDS:-3})
 part() {  # part NAME SECONDS COMMAND...: runs COMMAND under a time limit, logged to NAME.txt
   local name=$1 seconds=$2
   shift 2
