@@ -13,8 +13,9 @@ from psgd_optax._src.fop import (HypergradientState, fop, per_parameter_hypergra
                                  scalar_hypergradient)
 from psgd_optax._src.groups.affine import affine_group
 from psgd_optax._src.groups.geometry import GEOMETRIES
+from psgd_optax._src.groups.flat import dense_group, diag_group
 from psgd_optax._src.groups.kron import (KronGroup, KronState, TriangularKronState,
-                                         dense_group, diag_group, factor_kinds, kron_group)
+                                         factor_kinds, kron_group)
 from psgd_optax._src.groups.lra import LRAGroup, LRAState, lra_group
 from psgd_optax._src.groups.splu import SPLUGroup, SPLUState, splu_group
 from psgd_optax._src.groups.xmat import (ButterflyState, InvolutionGroup, XState,

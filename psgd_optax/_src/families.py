@@ -17,6 +17,7 @@ import optax
 from psgd_optax._src import engine
 from psgd_optax._src import options as options_lib
 from psgd_optax._src.groups import affine as affine_lib
+from psgd_optax._src.groups import flat as flat_lib
 from psgd_optax._src.groups import kron as kron_lib
 from psgd_optax._src.groups import lra as lra_lib
 from psgd_optax._src.groups import splu as splu_lib
@@ -80,7 +81,7 @@ def _on_engine(group_for_options, lipschitz_decay, options):
 def _flat(factor_kind, geometry, lipschitz_decay, options):
   """The engine on one factor of ``factor_kind`` over each flattened leaf."""
   _check_group_options(geometry, lipschitz_decay)
-  return engine.preconditioner(kron_lib.flat_group_for_options(
+  return engine.preconditioner(flat_lib.flat_group_for_options(
       factor_kind, geometry=geometry, lipschitz_decay=lipschitz_decay), **options)
 
 
