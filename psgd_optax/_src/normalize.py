@@ -143,11 +143,8 @@ def safe_step(lr, lipschitz: jax.Array) -> jax.Array:
 
 
 def rms(x: jax.Array) -> jax.Array:
-  """The RMS of ``x``, computed from ``x / max|x|`` (no square under- or overflows)."""
-  peak = jnp.max(jnp.abs(x))
-  safe_peak = jnp.where(peak > 0, peak, 1.0)
-  mean_square = jnp.mean(jnp.square(x / safe_peak))
-  return safe_peak * jnp.sqrt(jnp.where(mean_square > 0, mean_square, 1.0)) * (peak > 0)
+  """The RMS of ``x``, ``‖x‖ / √size`` with the scale-safe :func:`norm`."""
+  return norm(x) / jnp.sqrt(jnp.asarray(x.size, x.dtype))
 
 
 def bound_rms(x: jax.Array, bound: float | None) -> jax.Array:

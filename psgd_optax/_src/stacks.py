@@ -62,28 +62,26 @@ class Plan:
   def scatter(self, stacked: Sequence[jax.Array]) -> list[jax.Array | None]:
     """The inverse of :meth:`gather`: per leaf, its members cut out of their stack
     (``None`` for a leaf with no units: zero entries or zero layers)."""
-    leaves = [None] * self.num_leaves
-    for stack, values in zip(self.stacks, stacked):
-      start = 0
-      for piece in stack.pieces:
-        if len(stack.pieces) == 1:  # the whole stack is this leaf: nothing to cut
-          leaves[piece.leaf] = values if piece.stacked else values[0]
-        else:
-          leaves[piece.leaf] = (values[start:start + piece.count] if piece.stacked
-                                else values[start])
-        start += piece.count
-    return leaves
+    return self._cut(stacked, lambda take, values: take(values))
 
   def leaf_states(self, stack_states: Sequence[Any]) -> list[Any]:
     """Per leaf, its units' part of each stack's state (a pytree whose arrays lead with
     the member axis): the layers of a stacked leaf keep a leading layer axis."""
+    return self._cut(stack_states, jax.tree.map)
+
+  def _cut(self, per_stack: Sequence[Any], apply: Callable[[Callable, Any], Any]) -> list:
+    """Per leaf, ``apply(take, stack's value)`` with ``take`` cutting that leaf's members
+    out of an array of the stack (a stack of one leaf is that leaf: nothing to cut)."""
     leaves = [None] * self.num_leaves
-    for stack, state in zip(self.stacks, stack_states):
+    for stack, values in zip(self.stacks, per_stack):
       start = 0
       for piece in stack.pieces:
-        cut = ((lambda a, s=start, c=piece.count: a[s:s + c]) if piece.stacked
-               else (lambda a, s=start: a[s]))
-        leaves[piece.leaf] = jax.tree.map(cut, state)
+        if piece.stacked:
+          whole = len(stack.pieces) == 1
+          take = (lambda a: a) if whole else (lambda a, s=start, c=piece.count: a[s:s + c])
+        else:
+          take = lambda a, s=start: a[s]
+        leaves[piece.leaf] = apply(take, values)
         start += piece.count
     return leaves
 
