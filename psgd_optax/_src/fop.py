@@ -110,8 +110,8 @@ def _hypergradient_transformation(parametrization_for_shape, learning_rate, hype
       moved = optax.apply_updates(state.preconditioner, moves)
       # The hyper optimizer's own state must stay finite too (Adam's ν overflows at ~1e19).
       ok = all_finite([moved, moved_hyper_state])
-      keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-      return keep(moved, state.preconditioner), keep(moved_hyper_state, state.hyper_state)
+      return optax.tree.where(ok, (moved, moved_hyper_state),
+                              (state.preconditioner, state.hyper_state))
 
     # A branch, not a select: on the first step (no previous gradient) the hypergradient is
     # zero, and Adam's sqrt(ν) at ν = 0 has no derivative, so jax.grad through this update

@@ -108,8 +108,7 @@ def with_preconditioner(
     directions, preconditioner_state = preconditioner.update(updates, state[0], params,
                                                              **extra_args)
     outputs, tail_state = tail.update(directions, tuple(state[1:]), params, **extra_args)
-    tail_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), tail_state,
-                              tuple(state[1:]))
+    tail_state = optax.tree.where(finite, tail_state, tuple(state[1:]))
     outputs = jax.tree.map(lambda u: jnp.where(finite, u, jnp.zeros_like(u)), outputs)
     return outputs, (preconditioner_state, *tail_state)
 
