@@ -189,7 +189,20 @@ def preconditioner_per_leaf(state, params, *, stacked: Any = None) -> Any:
 
 def scale_set_per_leaf(state, params, *, stacked: Any = None) -> Any:
   """``state.scale_set`` as a params-shaped tree of booleans (one per layer of a stacked
-  leaf): whether each ``Q`` has had its scale set from data or ``init_scale``."""
+  leaf): whether each ``Q`` has had its scale set from data or ``init_scale``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> params = {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}
+    >>> tx = psgd.kron()
+    >>> state = tx.init(params)
+    >>> bool(psgd.scale_set_per_leaf(state, params)["w"])   # no pair seen yet
+    False
+    >>> _, state = tx.update({"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, state)
+    >>> bool(psgd.scale_set_per_leaf(state, params)["w"])
+    True
+  """
   return _per_leaf(state.scale_set, params, stacked)
 
 
