@@ -168,8 +168,11 @@ def test_spectral_norm_lower_bound_is_a_tight_lower_bound():
       assert bound >= exact / np.sqrt(n) * (1 - 1e-5)
       spd = a @ a.T / np.max(np.abs(a)) ** 2 * 10.0 ** rng.uniform(-15, 15)
       bound_spd = float(spectral_norm_lower_bound(jnp.asarray(spd, jnp.float32)))
-      # Wishart spectra have a small top gap; two power steps still get within 25%.
-      assert 0.75 * np.linalg.norm(spd, 2) <= bound_spd <= np.linalg.norm(spd, 2) * (1 + 1e-5)
+      # Wishart spectra have a small top gap; the largest row's product gets within 35%,
+      # two power steps within 25%.
+      assert 0.65 * np.linalg.norm(spd, 2) <= bound_spd <= np.linalg.norm(spd, 2) * (1 + 1e-5)
+      tighter = float(spectral_norm_lower_bound(jnp.asarray(spd, jnp.float32), num_iters=2))
+      assert 0.75 * np.linalg.norm(spd, 2) <= tighter <= np.linalg.norm(spd, 2) * (1 + 1e-5)
   assert float(spectral_norm_lower_bound(jnp.zeros((4, 4)))) == 0.0
 
 

@@ -6,6 +6,7 @@ the Newton products, the zero-gradient leaf, validation and the gradient spike."
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import psgd_optax as psgd
@@ -196,3 +197,38 @@ def test_a_gradient_spike_gives_a_bounded_step():
   spike, _ = bare_step(_grads(1e-2, seed=123), bare_state, PARAMS)
   rms = [float(jnp.sqrt(jnp.mean(u ** 2))) for u in jax.tree.leaves(spike)]
   assert max(rms) <= 2.0 * (1 + 1e-5) and min(rms) > 1.0, rms
+
+
+@pytest.mark.parametrize("position", ["first", "middle", "last", "big"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_all_finite_finds_one_bad_entry_wherever_the_packing_puts_it(monkeypatch, position,
+                                                                     bad):
+  # Small leaves are checked in packed chunks; shrink the chunk so that this tree has a
+  # leaf alone (size ≥ chunk), full chunks and a partial last one, mixed dtypes among them.
+  from psgd_optax._src import trees
+  monkeypatch.setattr(trees, "_PACK_SIZE", 16)
+  leaves = [jnp.zeros(5, jnp.bfloat16), jnp.zeros((2, 4)), jnp.zeros(()), jnp.zeros(7),
+            jnp.zeros((4, 8)), jnp.zeros(3, jnp.bfloat16), jnp.zeros((0, 3))]
+  assert bool(jax.jit(trees.all_finite)(leaves))
+  index = {"first": 0, "middle": 3, "last": 5, "big": 4}[position]
+  leaves[index] = leaves[index].ravel().at[-1].set(bad).reshape(leaves[index].shape)
+  assert not bool(jax.jit(trees.all_finite)(leaves))
+  assert bool(trees.all_finite([])) and bool(trees.all_finite({"a": jnp.zeros(0)}))
+
+
+def test_ready_optimizers_clip_is_optax_clip_by_block_rms():
+  # The ready chain clips each leaf's update to RMS max_update_rms with its reductions
+  # batched over same-shaped leaves; it must equal optax's per-leaf clip.
+  from psgd_optax._src.optimizers import _clip_by_leaf_rms
+  rng = np.random.default_rng(0)
+  tree = {"a": jnp.asarray(rng.normal(size=(3, 4)) * 5, jnp.float32),
+          "b": jnp.asarray(rng.normal(size=(3, 4)) * 0.1, jnp.float32),
+          "c": jnp.asarray(rng.normal(size=7) * 3, jnp.bfloat16),
+          "d": jnp.asarray(4.0), "e": jnp.zeros((0, 2)), "f": jnp.asarray(1e-30)}
+  ours, _ = _clip_by_leaf_rms(1.1).update(tree, optax.EmptyState())
+  reference, _ = optax.clip_by_block_rms(1.1).update(tree, optax.EmptyState())
+  for key in tree:
+    assert ours[key].dtype == tree[key].dtype and ours[key].shape == tree[key].shape
+    np.testing.assert_allclose(np.asarray(ours[key], np.float32),
+                               np.asarray(reference[key], np.float32), rtol=1e-2 if key == "c"
+                               else 1e-6)

@@ -258,9 +258,12 @@ def _update(config: _Config, updates, state, params, *, value_fn, hvp, vector):
     v_stacks = probes if pair.vectors is None else plan.gather(replicate(pair.vectors))
     h_stacks = (config.average(grad_stacks) if pair.products is None
                 else plan.gather(replicate(config.average(pair.products))))
-    pair_ok = all_finite([v_stacks, h_stacks]) & pair.valid
+    # The probes are finite and the gradients were checked: only a source's own vectors
+    # and products can still be bad.
+    pair_ok = all_finite([pair.vectors, pair.products]) & pair.valid
     lr = as_dtype(value_at(config.precond_lr, state.count), dtype)
-    fit_unit = functools.partial(_fit_unit, config, pair.integrate_probe, lr, pair_ok)
+    fit_unit = functools.partial(_fit_unit, config, pair.integrate_probe,
+                                 pair.products is None, lr, pair_ok)
     new_q, new_set = [], []
     for i, (stack, group, q, was_set, v, h, g) in enumerate(
         zip(plan.stacks, groups, held_q, held_set, v_stacks, h_stacks, grad_stacks)):
@@ -298,16 +301,18 @@ def _update(config: _Config, updates, state, params, *, value_fn, hvp, vector):
   return treedef.unflatten(outputs), new_state
 
 
-def _fit_unit(config: _Config, integrate_probe, lr, pair_ok, group, q, was_set, v, h, g,
-              key):
+def _fit_unit(config: _Config, integrate_probe, h_is_gradient, lr, pair_ok, group, q,
+              was_set, v, h, g, key):
   """One unit's fit: ``(candidate Q, whether it replaces the Q held, scale now set)``."""
   h = config.damping.apply(v, h, key)
-  scale = _initial_scale(h, v if not integrate_probe else None)
+  h_scale = _initial_scale(h)  # inf for h = 0
+  scale = h_scale if integrate_probe else h_scale * _probe_scale(v)
   from_pair = pair_ok & jnp.isfinite(scale) & (scale > 0)
-  usable = pair_ok & jnp.any(h != 0) & (was_set | from_pair)
+  usable = pair_ok & (h_scale < jnp.inf) & (was_set | from_pair)
   # Until a usable pair sets it, Q takes the gradient's scale (P g then has about unit
   # RMS): never the raw gradient, whose scale may be anything (e.g. secant's first step).
-  from_gradient = _initial_scale(g, None)
+  # Whitening's h is the (damped) gradient: its scale is reused, one reduction fewer.
+  from_gradient = h_scale if h_is_gradient else _initial_scale(g)
   gradient_ok = jnp.isfinite(from_gradient) & (from_gradient > 0)
   start = jnp.where(from_pair, scale, jnp.where(gradient_ok, from_gradient, 1.0))
   # An unset unit's stored state is init at some scale; see Group.init_from_unset.
@@ -321,9 +326,9 @@ def _fit_unit(config: _Config, integrate_probe, lr, pair_ok, group, q, was_set, 
           was_set | usable)
 
 
-def _initial_scale(h: jax.Array, v: jax.Array | None) -> jax.Array:
-  """``mean(v²)^{1/4} · mean(h⁴)^{-1/8}`` (``mean(v²) = 1`` for ``v=None``): makes ``P``
-  match ``|v| / |h|`` at once; ``inf`` for ``h = 0``.
+def _initial_scale(h: jax.Array) -> jax.Array:
+  """``mean(h⁴)^{-1/8}``, which times :func:`_probe_scale` ``(v)`` makes ``P`` match
+  ``|v| / |h|`` at once; ``inf`` for ``h = 0``.
 
   Computed after dividing ``h`` by its largest entry, so gradients of 1e-30 or 1e30 give a
   finite scale in float32; every root is of a positive number, so reverse-mode
@@ -334,7 +339,10 @@ def _initial_scale(h: jax.Array, v: jax.Array | None) -> jax.Array:
   safe_peak = jnp.where(positive, peak, 1.0)
   fourth = jnp.mean((h / safe_peak) ** 4)
   scale = jnp.where(positive, fourth, 1.0) ** (-0.125) / jnp.sqrt(safe_peak)
-  if v is not None:
-    second = jnp.mean(v * v)
-    scale = scale * jnp.where(second > 0, second, 1.0) ** 0.25 * (second > 0)
   return jnp.where(positive, scale, jnp.inf)
+
+
+def _probe_scale(v: jax.Array) -> jax.Array:
+  """``mean(v²)^{1/4}`` (0 for ``v = 0``, with a finite derivative there)."""
+  second = jnp.mean(v * v)
+  return jnp.where(second > 0, second, 1.0) ** 0.25 * (second > 0)

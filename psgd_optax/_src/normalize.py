@@ -64,17 +64,21 @@ def lipschitz_step(lr, previous: jax.Array, bound: jax.Array, decay, unit=1.0):
   return safe_step(lr, estimate / unit), estimate
 
 
-def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 2) -> jax.Array:
+def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 0) -> jax.Array:
   """A cheap lower bound of the spectral norm ``‖A‖₂`` of a square matrix.
 
-  Starts from the row of largest norm (itself a lower bound) and runs ``num_iters``
-  steps of power iteration on ``AᵀA``; ``‖A x‖ / ‖x‖`` never exceeds ``‖A‖₂``. The matrix
+  Starts from the row of largest norm ``x`` (itself a lower bound), optionally runs
+  ``num_iters`` steps of power iteration on ``AᵀA``, and returns ``‖A x‖ / ‖x‖``, which
+  never exceeds ``‖A‖₂``. With no iteration (the default, as the papers' reference code)
+  the bound is within a factor of about 0.65 of the norm on random and Wishart matrices
+  (0.83 with one step, 0.91 with two); each step adds two products and their norms to
+  every fit, which a model with many distinct shapes pays in compile time. The matrix
   is rescaled by its largest entry first so that squares neither overflow nor
   underflow.
 
   Args:
     matrix: a square matrix.
-    num_iters: power-iteration steps.
+    num_iters: power-iteration steps (0: none).
 
   Returns:
     A scalar ``b`` with ``b ≤ ‖A‖₂`` (and ``b = 0`` iff ``A = 0``).
@@ -93,7 +97,10 @@ def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 2) -> jax.Arra
   scaled = lambda x: matrix @ (x / safe_scale)
   scaled_transpose = lambda y: matrix.T @ (y / safe_scale)
   row_norms = jnp.sum(jnp.square(matrix / safe_scale), axis=1)
-  x = matrix[jnp.argmax(row_norms)] / safe_scale
+  largest_row = jnp.max(row_norms)  # 1 where the matrix is nonzero (a row holds its peak)
+  # The largest row (the sum of the tied ones), picked by a product rather than argmax and
+  # a gather: under vmap those compile to far more kernels than one more matrix-vector.
+  x = ((row_norms == largest_row).astype(matrix.dtype) @ matrix) / safe_scale
   # Every vector norm below lies within about [1/n, n] for a nonzero matrix (x starts as
   # a row holding the peak 1, and (A x)ᵢ = ‖x‖² for that row i), so plain sums of squares
   # neither under- nor overflow; ``tiny`` under the root keeps the derivative finite at 0.
@@ -103,7 +110,6 @@ def spectral_norm_lower_bound(matrix: jax.Array, num_iters: int = 2) -> jax.Arra
     x = scaled_transpose(scaled(x))
     x = x / vector_norm(x)
   bound = vector_norm(scaled(x)) / vector_norm(x)
-  largest_row = jnp.max(row_norms)  # 1 where the matrix is nonzero (a row holds its peak)
   bound = jnp.maximum(bound, jnp.sqrt(jnp.where(largest_row > 0, largest_row, 1.0)))
   return jnp.where(scale > 0, safe_scale * bound, 0.0).astype(matrix.dtype)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def value_at(schedule_or_value, count):
@@ -12,10 +13,44 @@ def value_at(schedule_or_value, count):
   return schedule_or_value(count) if callable(schedule_or_value) else schedule_or_value
 
 
+# Elements per packed check in all_finite: the temporary it may cost (64 MiB in float32).
+_PACK_SIZE = 1 << 24
+
+
 def all_finite(tree) -> jax.Array:
-  """One boolean: every element of every leaf is finite (``True`` for an empty tree)."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  """One boolean: every element of every leaf is finite (``True`` for an empty tree).
+
+  Small leaves are checked together, raveled into chunks of at most ``_PACK_SIZE``
+  elements: one reduction per chunk rather than per leaf. A model's many biases and norm
+  scales otherwise each cost the compiler a kernel of its own (on a small GPT the per-leaf
+  checks were a third of the optimizer's compile time); the chunk bounds the temporary.
+  Leaves split over a mesh axis (explicit sharding) are checked on their own.
+  """
+  chunks, current, filled = [], [], 0
+  for leaf in jax.tree.leaves(tree):
+    size = int(np.size(leaf))
+    if size >= _PACK_SIZE or _explicitly_sharded(leaf):  # checked on its own
+      chunks.append(leaf)
+      continue
+    if filled + size > _PACK_SIZE:
+      chunks.append(current)
+      current, filled = [], 0
+    current.append(leaf)
+    filled += size
+  if current:
+    chunks.append(current)
+  flags = [jnp.all(jnp.isfinite(chunk)) if not isinstance(chunk, list)
+           else jnp.all(jnp.isfinite(jnp.concatenate(
+               [jnp.ravel(x).astype(jnp.result_type(*chunk)) for x in chunk])))
+           for chunk in chunks]
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _explicitly_sharded(x) -> bool:
+  """Whether ``x`` is split over a mesh axis in JAX's explicit-sharding mode, where a
+  ravel would need an output sharding (``jnp.all`` of it needs none)."""
+  spec = getattr(getattr(jax.typeof(x), "sharding", None), "spec", None)
+  return spec is not None and any(axis is not None for axis in spec)
 
 
 def rebuild(make_state, state_leaves):
