@@ -53,16 +53,20 @@ CHECK = textwrap.dedent("""
       return jnp.mean((out - y) ** 2)
 
     stacked = {"w": False, "b": False, "out": False, "blocks": True}
+    # A small fit step: the mesh runs reduce in another float32 order than one device, and
+    # the default precond_lr (0.5) grows that rounding past the comparison's 1e-6 over 20
+    # steps; at 0.1 it stays at rounding level, so the check stays tight.
+    fit = dict(precond_lr=0.1)
     cases = {
-        "kron": lambda: optax.chain(psgd.kron(stacked=stacked), optax.scale(-0.05)),
+        "kron": lambda: optax.chain(psgd.kron(stacked=stacked, **fit), optax.scale(-0.05)),
         "kron_newton": lambda: optax.chain(
-            psgd.kron(curvature="newton", update_probability=0.5), optax.scale(-0.2)),
+            psgd.kron(curvature="newton", update_probability=0.5, **fit), optax.scale(-0.2)),
         "ready_secant": lambda: psgd.optimizers.kron(
-            learning_rate=0.02, curvature="secant", weight_decay=1e-3),
+            learning_rate=0.02, curvature="secant", weight_decay=1e-3, **fit),
         "sharded": lambda: optax.chain(
-            psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0),
+            psgd.kron(stacked=stacked, preconditioner_sharding=P("x"), max_skew=4.0, **fit),
             optax.scale(-0.05)),
-        "lra_diag": lambda: optax.chain(psgd.lra(rank=2), optax.scale(-0.05)),
+        "lra_diag": lambda: optax.chain(psgd.lra(rank=2, **fit), optax.scale(-0.05)),
         "fop_snr": lambda: optax.chain(psgd.snr(), psgd.fop(0.05), optax.scale(-0.05)),
     }
 

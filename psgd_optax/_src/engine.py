@@ -94,7 +94,7 @@ def preconditioner(
     *,
     curvature: str = "whitening",
     update_probability: ScalarOrSchedule | None = None,
-    precond_lr: ScalarOrSchedule = 0.1,
+    precond_lr: ScalarOrSchedule = 0.5,
     init_scale: float | None = None,
     damping: float | None = None,
     damping_type: str = "relative",

@@ -35,7 +35,11 @@ if TYPE_CHECKING:
 
   from psgd_optax._src.options import GeometryOptions, KronOptions
 
-_ARGS_DOC = """    learning_rate: step size (float or schedule of the step count).
+_ARGS_DOC = """    learning_rate: step size (float or schedule of the step count). The update has
+      RMS at most ``max_update_rms`` per leaf, so this is about the RMS of each entry's
+      step. The default 1e-2 was the best peak rate of warmup/cosine sweeps on a digits
+      CNN and on a byte-level GPT (``benchmarks/lm.py``, BENCHMARKS.md), where AdamW's
+      best were 3e-2 and 1e-3: sweep around 1e-2 rather than from AdamW's rate.
     momentum: EMA coefficient ``β`` of the preconditioned direction (0 disables).
     weight_decay: decoupled weight decay (``θ ← θ − lr·wd·θ``).
     mask: pytree of booleans (or a callable of the params) selecting the leaves to decay.
@@ -46,7 +50,7 @@ _ARGS_DOC = """    learning_rate: step size (float or schedule of the step count
 
 def with_preconditioner(
     preconditioner: optax.GradientTransformation,
-    learning_rate: optax.ScalarOrSchedule = 3e-4,
+    learning_rate: optax.ScalarOrSchedule = 1e-2,
     *,
     momentum: float = 0.9,
     weight_decay: float = 0.0,
@@ -156,7 +160,7 @@ def _ready(family):
 
 
 @_ready(families.kron)
-def kron(learning_rate: optax.ScalarOrSchedule = 3e-4, *, momentum: float = 0.9,
+def kron(learning_rate: optax.ScalarOrSchedule = 1e-2, *, momentum: float = 0.9,
          weight_decay: float = 0.0, mask: Any | Callable[[optax.Params], Any] | None = None,
          max_update_rms: float | None = 1.1,
          **options: Unpack[KronOptions]) -> optax.GradientTransformationExtraArgs:
@@ -194,7 +198,7 @@ def kron(learning_rate: optax.ScalarOrSchedule = 3e-4, *, momentum: float = 0.9,
 
 
 @_ready(families.dense)
-def dense(learning_rate: optax.ScalarOrSchedule = 3e-4, *, momentum: float = 0.9,
+def dense(learning_rate: optax.ScalarOrSchedule = 1e-2, *, momentum: float = 0.9,
           weight_decay: float = 0.0, mask: Any | Callable[[optax.Params], Any] | None = None,
           max_update_rms: float | None = 1.1,
           **options: Unpack[GeometryOptions]) -> optax.GradientTransformationExtraArgs:
@@ -227,7 +231,7 @@ def dense(learning_rate: optax.ScalarOrSchedule = 3e-4, *, momentum: float = 0.9
 
 
 @_ready(families.diag)
-def diag(learning_rate: optax.ScalarOrSchedule = 3e-4, *, momentum: float = 0.9,
+def diag(learning_rate: optax.ScalarOrSchedule = 1e-2, *, momentum: float = 0.9,
          weight_decay: float = 0.0, mask: Any | Callable[[optax.Params], Any] | None = None,
          max_update_rms: float | None = 1.1,
          **options: Unpack[GeometryOptions]) -> optax.GradientTransformationExtraArgs:
