@@ -1,0 +1,254 @@
+"""The language-model protocol: examples/gpt.py's byte GPT, every optimizer at its best rate.
+
+    python benchmarks/lm.py                        # the full protocol (hours on 2 CPU cores)
+    python benchmarks/lm.py --steps 300 --json lm.json
+    python benchmarks/lm.py --timing-only          # compile, step time and memory only
+
+1. Timing, all optimizers in one process: each step is compiled on its own
+   (``jit(...).lower(...).compile()``, the first step's compile time), then rounds of
+   ``--timing-steps`` steps run interleaved across the optimizers (so load on the machine
+   hits all alike); the median round gives the step time. Peak memory is XLA's account of
+   the compiled step (arguments + outputs + temporaries − aliased).
+2. Sweep: every optimizer over its learning-rate grid (``--grid NAME=LR,LR,...`` replaces
+   one), seed 0, warmup + cosine (examples/gpt.py's schedule).
+3. Seeds: each optimizer's best rate again on the other ``--seeds``.
+
+Prints, per optimizer: best peak rate, mean final validation loss over seeds, steps and
+seconds (steps × the interleaved step time + compile) to reach AdamW's final validation
+loss, the compile time and step time as ratios to AdamW's, and peak memory. ``kron`` is
+``psgd.optimizers.kron`` at its default rate and is also swept; ``psgdax`` runs when that
+package is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import gpt  # noqa: E402  (examples/gpt.py)
+
+GRIDS = {  # AdamW first: the others are measured against it
+    "adamw": [3e-4, 1e-3, 3e-3, 1e-2],
+    "kron": [1e-3, 3e-3, 1e-2, 3e-2],
+    "kron_newton": [0.03, 0.1, 0.3, 1.0],
+    "muon": [0.01, 0.02, 0.05, 0.1],
+    "psgdax": [1e-3, 3e-3, 1e-2, 3e-2],
+}
+
+
+def parse_args(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  parser.add_argument("--steps", type=int, default=2000, help="training steps per run")
+  parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                      help="seeds at the best rate (the first also runs the sweep)")
+  parser.add_argument("--optimizers", nargs="+", default=None,
+                      help="subset of " + ", ".join(GRIDS))
+  parser.add_argument("--grid", action="append", default=[],
+                      help="NAME=LR,LR,... replaces an optimizer's learning-rate grid")
+  parser.add_argument("--timing-steps", type=int, default=10, help="steps per timing round")
+  parser.add_argument("--timing-rounds", type=int, default=5, help="timing rounds")
+  parser.add_argument("--timing-only", action="store_true", help="skip sweep and seeds")
+  parser.add_argument("--eval-every", type=int, default=50, help="steps between validations")
+  parser.add_argument("--baseline", default=None,
+                      help="another checkout: its kron joins the timing as kron_baseline")
+  parser.add_argument("--json", default=None, help="write the results here")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+  args = parser.parse_args(argv)
+  for entry in args.grid:
+    name, _, rates = entry.partition("=")
+    GRIDS[name] = [float(r) for r in rates.split(",")]
+  return args
+
+
+def available(names):
+  try:
+    import psgdax  # noqa: F401
+  except ImportError:
+    names = [n for n in names if n != "psgdax"]
+  return names
+
+
+BASELINE = None  # --baseline: another checkout's psgd_optax (benchmarks/_checkout.py)
+
+
+PSGD = ("kron", "kron_newton", "psgdax", "kron_baseline")  # fit Q on some steps only
+
+
+def other_optimizer(name, peak, steps, probability=None):
+  """The optimizers examples/gpt.py does not know (psgdax's Kron, the baseline's kron), and
+  the PSGD ones with a fixed update probability (``None``: their default schedule)."""
+  forced = {} if probability is None else {"update_probability": probability}
+  if name == "psgdax":
+    import psgdax
+    if probability is not None:
+      forced = {"preconditioner_update_probability": probability}
+    # A key of its own: psgdax's default is one module-level array, which a donated state
+    # deletes after the first run.
+    import jax
+    return psgdax.kron(learning_rate=gpt.warmup_cosine(peak, steps), weight_decay=0.1,
+                       key=jax.random.PRNGKey(42), **forced)
+  if name == "kron_baseline":
+    return BASELINE.optimizers.kron(learning_rate=gpt.warmup_cosine(peak, steps),
+                                    weight_decay=0.1, **forced)
+  if forced:
+    return gpt.make_optimizer(name, peak, steps, **forced)
+  return None
+
+
+def update_probability(name):
+  """The default update-probability schedule of a PSGD optimizer, as a function of step."""
+  if name == "psgdax":
+    import psgdax.psgd
+    return psgdax.psgd.precond_update_prob_schedule()
+  import psgd_optax as psgd
+  return psgd.update_probability_schedule()
+
+
+def expected_seconds(name, steps, timing):
+  """Seconds for ``steps`` steps (fractional: the target is met between validations):
+  compile, then for PSGD each step a fitting one with its schedule's probability."""
+  import numpy as np
+  if steps is None:
+    return None
+  if "skip" not in timing:
+    return timing["compile"] + steps * timing["step"]
+  count = int(np.ceil(steps))
+  p = np.asarray(update_probability(name)(np.arange(count)), np.float64).reshape(count)
+  p[0] = 1.0  # the first step always fits
+  weights = np.minimum(1.0, steps - np.arange(count))  # the last step counts in part
+  return timing["compile"] + float(np.sum(weights * (p * timing["step"]
+                                                     + (1 - p) * timing["skip"])))
+
+
+def model_args(args):
+  """examples/gpt.py's settings for this protocol (its default model)."""
+  return gpt.parse_args(["--steps", str(args.steps), "--batch", str(args.batch),
+                         "--eval-every", str(args.eval_every)]
+                        + (["--no-progress"] if args.no_progress else []))
+
+
+def make_run(config, name, peak, seed, data, probability=None):
+  return gpt.Run(config, name, peak, seed, *data,
+                 tx=other_optimizer(name, peak, config.steps, probability))
+
+
+def timing(config, names, data, args):
+  """name → {compile, step, memory[, skip]}: the steps compiled one after another (the
+  default optimizers'), then timed in interleaved rounds. A PSGD optimizer's ``step`` is a
+  step that fits ``Q`` (update probability 1) and ``skip`` one that does not (0)."""
+  import numpy as np
+  rate = lambda name: GRIDS[name][len(GRIDS[name]) // 2]
+  runs = {name: make_run(config, name, rate(name), 0, data) for name in names}
+  timed = {}
+  for name in names:
+    if name in PSGD:
+      timed[name] = make_run(config, name, rate(name), 0, data, probability=1.0)
+      timed[name + " skip"] = make_run(config, name, rate(name), 0, data, probability=0.0)
+    else:
+      timed[name] = runs[name]
+  for run in timed.values():
+    run.train_steps(2)  # warm caches (and the always-fitting first step), outside the rounds
+  rounds = {key: [] for key in timed}
+  for _ in range(args.timing_rounds):
+    for key, run in timed.items():
+      rounds[key].append(run.train_steps(args.timing_steps)[1] / args.timing_steps)
+  results = {}
+  for name, run in runs.items():
+    memory = run.step.memory_analysis()
+    peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+            + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
+    results[name] = {"compile": run.compile_seconds, "step": float(np.median(rounds[name])),
+                     "memory_mb": peak / 2**20}
+    if name in PSGD:
+      results[name]["skip"] = float(np.median(rounds[name + " skip"]))
+  return results
+
+
+def sweep_and_seeds(config, names, data, args):
+  curves, finals = {}, {}
+  for name in names:
+    for peak in GRIDS[name]:
+      result = gpt.train_run(config, name, peak, args.seeds[0], data, make_run)
+      finals[(name, peak)] = result["valid"][-1]
+      curves[(name, peak, args.seeds[0])] = result
+      print(f"  {name:<12} lr {peak:<8.3g} seed {args.seeds[0]}: final valid "
+            f"{result['valid'][-1]:.4f}", flush=True)
+  best = {name: min(GRIDS[name], key=lambda p, n=name: finals[(n, p)]) for name in names}
+  for name in names:
+    for seed in args.seeds[1:]:
+      result = gpt.train_run(config, name, best[name], seed, data, make_run)
+      curves[(name, best[name], seed)] = result
+      print(f"  {name:<12} lr {best[name]:<8.3g} seed {seed}: final valid "
+            f"{result['valid'][-1]:.4f}", flush=True)
+  return curves, finals, best
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  global BASELINE
+  if args.baseline:
+    from _checkout import load_baseline
+    BASELINE = load_baseline(args.baseline)
+    GRIDS["kron_baseline"] = GRIDS["kron"]
+  import jax
+  names = available(args.optimizers or list(GRIDS))
+  if args.baseline and "kron_baseline" not in names:
+    names.append("kron_baseline")
+  config = model_args(args)
+  data = gpt.split_text(gpt.load_text())
+  print(f"byte GPT {config.layers}x{config.width}, context {config.context}, batch "
+        f"{args.batch}, {args.steps} steps; {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs", flush=True)
+  times = timing(config, names, data, args)
+  names = [name for name in names if name != "kron_baseline"]  # timing only
+  base = times.get("adamw", next(iter(times.values())))
+  print(f"\n{'optimizer':<14}{'compile s':>10}{'ratio':>7}{'step ms':>9}{'ratio':>7}"
+        f"{'no-fit ms':>11}{'ratio':>7}{'memory MB':>11}")
+  for name, t in times.items():
+    skip = (f"{1e3 * t['skip']:>11.1f}{t['skip'] / base['step']:>7.2f}" if "skip" in t
+            else f"{'-':>11}{'-':>7}")
+    print(f"{name:<14}{t['compile']:>10.2f}{t['compile'] / base['compile']:>7.2f}"
+          f"{1e3 * t['step']:>9.1f}{t['step'] / base['step']:>7.2f}{skip}"
+          f"{t['memory_mb']:>11.1f}")
+  report = {"args": vars(args), "timing": times}
+  if not args.timing_only:
+    curves, finals, best = sweep_and_seeds(config, names, data, args)
+    per_name = {name: [curves[(name, best[name], s)] for s in args.seeds] for name in names}
+    target = gpt.summarize({"adamw": per_name["adamw"]}, 0.0)["adamw"][0]
+    rows = gpt.summarize(per_name, target)
+    print(f"\nsweep (seed {args.seeds[0]}, final valid):")
+    for name in names:
+      print(f"  {name:<12}" + "  ".join(f"{p:g}: {finals[(name, p)]:.4f}" for p in GRIDS[name]))
+    print(f"\nat each best rate, mean of seeds {args.seeds}; target {target:.4f} "
+          "(AdamW's final)")
+    print(f"{'optimizer':<13}{'best lr':>9}{'final':>9}{'steps to':>10}{'vs AdamW':>10}"
+          f"{'s to':>8}{'vs AdamW':>10}")
+    adamw_steps, adamw_seconds = None, None
+    for name in names:
+      final, steps, _, _ = rows[name]
+      seconds = expected_seconds(name, steps, times[name])
+      if name == "adamw":
+        adamw_steps, adamw_seconds = steps, seconds
+      ratio = lambda x, y: "-" if x is None or not y else f"{x / y:.2f}"
+      fmt = lambda x, width, spec: f"{'-' if x is None else format(x, spec):>{width}}"
+      print(f"{name:<13}{best[name]:>9.3g}{final:>9.4f}{fmt(steps, 10, '.0f')}"
+            f"{ratio(steps, adamw_steps):>10}{fmt(seconds, 8, '.0f')}"
+            f"{ratio(seconds, adamw_seconds):>10}")
+      report.setdefault("rows", {})[name] = {
+          "best_lr": best[name], "final": final, "steps_to_target": steps,
+          "seconds_to_target": seconds}
+    report["sweep"] = {f"{n}@{p:g}": v for (n, p), v in finals.items()}
+    report["target"] = target
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
