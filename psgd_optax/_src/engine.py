@@ -94,7 +94,7 @@ def preconditioner(
     *,
     curvature: str = "whitening",
     update_probability: ScalarOrSchedule | None = None,
-    precond_lr: ScalarOrSchedule = 0.5,
+    precond_lr: ScalarOrSchedule | None = None,
     init_scale: float | None = None,
     damping: float | None = None,
     damping_type: str = "relative",
@@ -145,8 +145,9 @@ def preconditioner(
       damping=curvature_lib.make_damping(curvature, damping, damping_type),
       update_probability=(update_probability_schedule() if update_probability is None
                           else update_probability),
-      precond_lr=precond_lr, init_scale=init_scale, dtype=jnp.dtype(precond_dtype),
-      seed=seed, axis_name=axis_name, stacked=stacked,
+      precond_lr=curvature_lib.default_precond_lr(curvature, precond_lr),
+      init_scale=init_scale, dtype=jnp.dtype(precond_dtype), seed=seed,
+      axis_name=axis_name, stacked=stacked,
       place=sharding_lib.state_layout(preconditioner_sharding))
   # Jitted so that eager callers (notebooks, doctests) compile the lax.cond once rather
   # than on every call; inside a caller's jit it is inlined. value_fn is static (it is a
