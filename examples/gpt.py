@@ -1,6 +1,6 @@
 """A byte-level GPT (Flax nnx) trained with PSGD-Kron, its Newton type, AdamW and Muon.
 
-    python examples/gpt.py                                   # about 5 minutes on 2 CPU cores
+    python examples/gpt.py                                   # about 6 minutes on 2 CPU cores
     python examples/gpt.py --steps 2000 --batch 32 --seeds 0 1 2
     python examples/gpt.py --optimizers kron adamw --learning-rate 3e-3
 
