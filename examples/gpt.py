@@ -309,6 +309,10 @@ def save_plot(curves, path):
 def main(argv=None):
   args = parse_args(argv)
   import jax
+  import optax.contrib
+  if "muon" in args.optimizers and not hasattr(optax.contrib, "muon"):
+    print("this optax has no optax.contrib.muon: Muon is left out")
+    args.optimizers = [name for name in args.optimizers if name != "muon"]
   data = split_text(load_text())
   peaks = {name: args.learning_rate if args.learning_rate is not None else LEARNING_RATES[name]
            for name in args.optimizers}
