@@ -138,6 +138,14 @@ def warmup_cosine(peak, steps):
   return optax.warmup_cosine_decay_schedule(0.0, peak, max(1, steps // 20), steps, peak / 10)
 
 
+def default_kron_rate() -> float:
+  """The ready optimizer's own default learning rate."""
+  import inspect
+
+  import psgd_optax as psgd
+  return inspect.signature(psgd.optimizers.kron).parameters["learning_rate"].default
+
+
 def make_optimizer(name, peak, steps, **options):
   """The optimizer ``name`` on the :func:`warmup_cosine` schedule to ``peak`` (``None``:
   the ready optimizer's own default learning rate); ``options`` go to the PSGD ones."""
@@ -145,8 +153,7 @@ def make_optimizer(name, peak, steps, **options):
 
   import psgd_optax as psgd
   if peak is None:
-    import inspect
-    peak = inspect.signature(psgd.optimizers.kron).parameters["learning_rate"].default
+    peak = default_kron_rate()
   schedule = warmup_cosine(peak, steps)
   if name == "kron":
     return psgd.optimizers.kron(learning_rate=schedule, weight_decay=0.1, **options)
@@ -231,7 +238,10 @@ def train_run(args, name, peak, seed, data, make_run=None):
   ``make_run(args, name, peak, seed, data)`` builds the :class:`Run` (benchmarks/lm.py
   adds optimizers through it)."""
   from tqdm import tqdm
-  run = (make_run or (lambda *a: Run(*a[:4], *a[4])))(args, name, peak, seed, data)
+  if make_run is None:
+    run = Run(args, name, peak, seed, *data)
+  else:
+    run = make_run(args, name, peak, seed, data)
   steps, valid, seconds = [0], [run.validate()], [run.compile_seconds]
   tokens_per_step = args.batch * args.context
   with tqdm(total=args.steps, desc=f"{name} seed {seed}", leave=False,
@@ -318,12 +328,10 @@ def main(argv=None):
            for name in args.optimizers}
   curves = {name: [train_run(args, name, peaks[name], seed, data)
                    for seed in args.seeds] for name in args.optimizers}
-  import psgd_optax as psgd
   if peaks.get("kron") is None:
-    import inspect
-    peaks["kron"] = inspect.signature(psgd.optimizers.kron).parameters["learning_rate"].default
-  target = (summarize(curves, 0.0)["adamw"][0] if "adamw" in curves
-            else min(summarize(curves, 0.0)[name][0] for name in curves))
+    peaks["kron"] = default_kron_rate()
+  finals = {name: row[0] for name, row in summarize(curves, 0.0).items()}
+  target = finals["adamw"] if "adamw" in finals else min(finals.values())
   print(f"\n{args.layers}-layer byte GPT, d_model {args.width}, context {args.context}, batch "
         f"{args.batch}, {args.steps} steps, seeds {args.seeds} ({jax.devices()[0].platform}); "
         f"{len(data[0])} training bytes")

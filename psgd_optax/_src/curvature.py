@@ -308,7 +308,6 @@ def make_damping(curvature: str, damping, damping_type: str = "relative") -> Dam
   return Damping(strength, damping_type)
 
 
-
 # The whitening fit tracks gradient statistics that move as a model trains; a large step
 # keeps up (byte GPT, 200 steps: 2.56 -> 2.02 nats/byte from 0.1 to 0.5; digits CNN test
 # error 2.44 -> 1.70 %). Curvature pairs are noisier: there 0.5 raised the fit's noise floor

@@ -128,7 +128,8 @@ def _clip_by_leaf_rms(max_rms: float) -> optax.GradientTransformation:
 
   Leaves of one shape are stacked (the engine's plan) and their RMS taken in one reduction:
   a transformer's dozens of biases and norm scales then cost the compiler a few kernels,
-  not one each (the ready optimizer's compile time on a small GPT drops by about 10 %).
+  not one each (on examples/gpt.py's model the ready kron update's fusions went from 1145
+  to 1063).
   """
   def update_fn(updates, state, params=None):
     del params
@@ -144,6 +145,8 @@ def _clip_by_leaf_rms(max_rms: float) -> optax.GradientTransformation:
     return treedef.unflatten(clipped), state
 
   return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
+
+
 _OWN = [p for name, p in inspect.signature(with_preconditioner).parameters.items()
         if name != "preconditioner"]
 

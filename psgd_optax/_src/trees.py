@@ -39,11 +39,15 @@ def all_finite(tree) -> jax.Array:
     filled += size
   if current:
     chunks.append(current)
-  flags = [jnp.all(jnp.isfinite(chunk)) if not isinstance(chunk, list)
-           else jnp.all(jnp.isfinite(jnp.concatenate(
-               [jnp.ravel(x).astype(jnp.result_type(*chunk)) for x in chunk])))
+  flags = [jnp.all(jnp.isfinite(_packed(chunk) if isinstance(chunk, list) else chunk))
            for chunk in chunks]
   return jnp.all(jnp.stack(flags)) if flags else jnp.asarray(True)
+
+
+def _packed(leaves) -> jax.Array:
+  """The leaves raveled into one vector of their common dtype."""
+  dtype = jnp.result_type(*leaves)
+  return jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
 
 
 def _explicitly_sharded(x) -> bool:
