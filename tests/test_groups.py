@@ -10,7 +10,7 @@ import pytest
 import psgd_optax as psgd
 from _helpers import single_leaf
 from psgd_optax._src.groups.geometry import procrustes_step
-from psgd_optax._src.normalize import spectral_norm_lower_bound
+from psgd_optax._src.normalize import spd_norm_lower_bound, spectral_norm_lower_bound
 
 
 def _random_factors(group, rng, triangular):
@@ -122,9 +122,10 @@ def test_procrustes_step_reduces_asymmetry_and_keeps_qtq():
 
 
 def _procrustes_reference(q, max_step=0.125):
-  """The rotation written out: R = (Qᵀ − Q)/b, a from the exact traces, Q + aRQ + a²R²Q/2."""
+  """The rotation written out: R = (Qᵀ − Q)/‖Qᵀ − Q‖_F, a from the exact traces,
+  Q + aRQ + a²R²Q/2."""
   generator = q.T - q
-  generator = generator / float(spectral_norm_lower_bound(jnp.asarray(generator)))
+  generator = generator / np.linalg.norm(generator)
   rq = generator @ q
   rrq = generator @ rq
   slope, curvature = np.trace(rq), np.trace(rrq)
@@ -174,6 +175,24 @@ def test_spectral_norm_lower_bound_is_a_tight_lower_bound():
       tighter = float(spectral_norm_lower_bound(jnp.asarray(spd, jnp.float32), num_iters=2))
       assert 0.75 * np.linalg.norm(spd, 2) <= tighter <= np.linalg.norm(spd, 2) * (1 + 1e-5)
   assert float(spectral_norm_lower_bound(jnp.zeros((4, 4)))) == 0.0
+
+
+def test_spd_norm_lower_bound_is_a_tight_lower_bound_of_second_moments():
+  # The dense factors' step normalizer: T = Σ x xᵀ of any rank, at any scale.
+  rng = np.random.default_rng(6)
+  for n in (1, 3, 17, 64):
+    for _ in range(5):
+      a = rng.standard_normal((n, int(rng.integers(1, 3 * n + 1))))
+      spd = a @ a.T * 10.0 ** rng.uniform(-15, 15)
+      exact = np.linalg.norm(spd, 2)
+      bound = float(spd_norm_lower_bound(jnp.asarray(spd, jnp.float32)))
+      assert 0.6 * exact <= bound <= exact * (1 + 1e-5)
+      assert bound >= np.max(np.diag(spd)) * (1 - 1e-5)
+  x = rng.standard_normal(9)
+  np.testing.assert_allclose(float(spd_norm_lower_bound(jnp.asarray(np.outer(x, x)))),
+                             x @ x, rtol=1e-5)  # exact for rank one
+  np.testing.assert_allclose(float(spd_norm_lower_bound(3.0 * jnp.eye(5))), 3.0, rtol=1e-6)
+  assert float(spd_norm_lower_bound(jnp.zeros((4, 4)))) == 0.0
 
 
 def test_factor_kinds_follow_size_skew_and_memory_mode():

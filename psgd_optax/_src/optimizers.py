@@ -25,8 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from psgd_optax._src import families, normalize
-from psgd_optax._src import stacks as stacks_lib
+from psgd_optax._src import families
 from psgd_optax._src.trees import all_finite
 from psgd_optax._src.validation import check_mask, check_number
 
@@ -100,7 +99,7 @@ def with_preconditioner(
   preconditioner = optax.with_extra_args_support(preconditioner)
   tail = optax.chain(
       optax.ema(momentum, debias=True),
-      _clip_by_leaf_rms(max_update_rms) if max_update_rms is not None
+      optax.clip_by_block_rms(max_update_rms) if max_update_rms is not None
       else optax.identity(),
       optax.add_decayed_weights(weight_decay, mask),
       optax.scale_by_learning_rate(learning_rate))
@@ -121,30 +120,6 @@ def with_preconditioner(
 
 
 with_preconditioner.__doc__ = with_preconditioner.__doc__.replace("{args}", _ARGS_DOC)
-
-
-def _clip_by_leaf_rms(max_rms: float) -> optax.GradientTransformation:
-  """``optax.clip_by_block_rms(max_rms)``, its reductions batched over same-shaped leaves.
-
-  Leaves of one shape are stacked (the engine's plan) and their RMS taken in one reduction:
-  a transformer's dozens of biases and norm scales then cost the compiler a few kernels,
-  not one each (on examples/gpt.py's model the ready kron update's fusions went from 1145
-  to 1063).
-  """
-  def update_fn(updates, state, params=None):
-    del params
-    leaves, treedef = jax.tree.flatten(updates)
-    plan = stacks_lib.plan_for(leaves, None)
-    bound = jnp.asarray(max_rms, jnp.float32)
-    factors = []
-    for stack in plan.gather([leaf.astype(jnp.float32) for leaf in leaves]):
-      factors.append(bound / jnp.maximum(jax.vmap(normalize.rms)(stack), bound))
-    per_leaf = plan.scatter(factors)
-    clipped = [leaf if factor is None else leaf * factor.astype(leaf.dtype)
-               for leaf, factor in zip(leaves, per_leaf)]
-    return treedef.unflatten(clipped), state
-
-  return optax.GradientTransformation(lambda params: optax.EmptyState(), update_fn)
 
 
 _OWN = [p for name, p in inspect.signature(with_preconditioner).parameters.items()

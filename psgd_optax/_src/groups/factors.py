@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jax.scipy.linalg import solve_triangular
 
 from psgd_optax._src.groups.geometry import Geometry
-from psgd_optax._src.normalize import norm, spectral_norm_lower_bound
+from psgd_optax._src.normalize import norm, spd_norm_lower_bound
 
 
 def _other_axes(ndim: int, axis: int) -> tuple[int, ...]:
@@ -77,9 +77,10 @@ class DenseFactor:
     return jnp.tensordot(x, x, axes=(others, others))
 
   def norm_bound(self, t1, t2):
+    # T1 and T2 are second moments (symmetric positive semidefinite).
     if jnp.ndim(t2) == 0:
-      return spectral_norm_lower_bound(t1) + t2
-    return spectral_norm_lower_bound(t1 + t2)
+      return spd_norm_lower_bound(t1) + t2
+    return spd_norm_lower_bound(t1 + t2)
 
   def step(self, q, t1, t2, step, geometry: Geometry):
     if jnp.ndim(t2) == 0:
