@@ -214,3 +214,18 @@ def test_all_finite_finds_one_bad_entry_wherever_the_packing_puts_it(monkeypatch
   leaves[index] = leaves[index].ravel().at[-1].set(bad).reshape(leaves[index].shape)
   assert not bool(jax.jit(trees.all_finite)(leaves))
   assert bool(trees.all_finite([])) and bool(trees.all_finite({"a": jnp.zeros(0)}))
+
+
+def test_ready_chain_clips_each_leaf_update_to_max_update_rms():
+  # The clip is per leaf: a leaf above the bound is scaled to RMS max_update_rms, a leaf
+  # below it (or a zero leaf) passes unchanged, whatever its neighbours hold.
+  tx = psgd.optimizers.with_preconditioner(optax.identity(), learning_rate=1.0,
+                                           momentum=0.0, max_update_rms=1.1)
+  grads = {"big": jnp.full((3, 4), 5.0), "small": jnp.array([0.3, -0.2, 0.1]),
+           "zero": jnp.zeros(2)}
+  updates, _ = tx.update(grads, tx.init(grads), grads)
+  rms = lambda x: float(jnp.sqrt(jnp.mean(jnp.square(x))))
+  np.testing.assert_allclose(rms(updates["big"]), 1.1, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(updates["small"]), -np.asarray(grads["small"]),
+                             rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(updates["zero"]), 0.0)
