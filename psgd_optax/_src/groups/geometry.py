@@ -22,6 +22,7 @@ same fixed point ``P E[hhᵀ] P = E[vvᵀ]`` (so ``P → |H|⁻¹`` for Newton p
 ``"quad"``
   The same inverse-free direction applied as a symmetric quadratic form,
   ``Q ← (I − μE/2L) Q (I − μE/2L)``, which keeps ``Q`` SPD without a Procrustes step.
+
 For diagonal factors all three coincide to first order; ``"quad"`` uses the squared gain.
 """
 
