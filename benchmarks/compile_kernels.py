@@ -43,7 +43,8 @@ def _table(text, first, following):
 
 
 def kernel_origins(hlo_text: str):
-  """``(Counter of origin → kernels, kernels per computation)`` of a compiled HLO text."""
+  """``(Counter of origin → kernels, kernels per computation, the entry computation)`` of a
+  compiled HLO text."""
   files = dict(re.findall(r'^(\d+) "(.*)"$', _table(hlo_text, "FileNames", "FunctionNames"),
                           re.M))
   functions = dict(re.findall(r'^(\d+) "(.*)"$',
@@ -68,11 +69,13 @@ def kernel_origins(hlo_text: str):
         return f"{os.path.basename(file)}:{function}"
     return f"{os.path.basename(stack[0][0])}:{stack[0][1]}" if stack else "(no frame)"
 
-  origins, per_computation, computation = collections.Counter(), collections.Counter(), None
+  origins, per_computation = collections.Counter(), collections.Counter()
+  computation = entry = None
   for line in hlo_text.splitlines():
-    header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+    header = re.match(r"^(ENTRY )?%(\S+) .*\{$", line)
     if header:
-      computation = header.group(1)
+      computation = header.group(2)
+      entry = computation if header.group(1) else entry
       continue
     if computation is None or "fused" in computation or computation.startswith("wrapped_"):
       continue
@@ -82,7 +85,7 @@ def kernel_origins(hlo_text: str):
     frame = re.search(r"stack_frame_id=(\d+)", line)
     origins[origin(frame.group(1)) if frame else "(no frame)"] += 1
     per_computation[computation] += 1
-  return origins, per_computation
+  return origins, per_computation, entry
 
 
 def main(argv=None):
@@ -92,8 +95,7 @@ def main(argv=None):
   data = gpt.split_text(gpt.load_text())
   for name in args.optimizers:
     run = gpt.Run(config, name, gpt.LEARNING_RATES[name], 0, *data)
-    origins, per_computation = kernel_origins(run.step.as_text())
-    entry = max(per_computation, key=lambda c: c.startswith("main"))
+    origins, per_computation, entry = kernel_origins(run.step.as_text())
     # The fit's branch: the largest computation other than the entry.
     branches = [c for c in per_computation if c != entry]
     fit = max(branches, key=per_computation.get) if branches else None

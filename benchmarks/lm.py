@@ -143,14 +143,19 @@ def make_run(config, name, peak, seed, data, probability=None):
                  tx=other_optimizer(name, peak, config.steps, probability))
 
 
+def timing_rate(name):
+  """The peak rate an optimizer is timed at: the middle of its grid."""
+  return GRIDS[name][len(GRIDS[name]) // 2]
+
+
 def timing(config, names, data, args):
   """name → {compile, step, memory[, skip]}: each optimizer's default step compiled
   ``--compile-repeats`` times, each in a fresh process as a user's first step is, in
-  interleaved rounds (the median), then steps timed in interleaved rounds. A PSGD optimizer's ``step`` is a
-  step that fits ``Q`` (update probability 1) and ``skip`` one that does not (0)."""
+  interleaved rounds (the median), then steps timed in interleaved rounds. A PSGD
+  optimizer's ``step`` is a step that fits ``Q`` (update probability 1) and ``skip`` one
+  that does not (0)."""
   import numpy as np
-  rate = lambda name: GRIDS[name][len(GRIDS[name]) // 2]
-  runs = {name: make_run(config, name, rate(name), 0, data) for name in names}
+  runs = {name: make_run(config, name, timing_rate(name), 0, data) for name in names}
   compiles = {name: [] for name in names}
   for _ in range(args.compile_repeats):
     for name in names:
@@ -158,8 +163,9 @@ def timing(config, names, data, args):
   timed = {}
   for name in names:
     if name in PSGD:
-      timed[name] = make_run(config, name, rate(name), 0, data, probability=1.0)
-      timed[name + " skip"] = make_run(config, name, rate(name), 0, data, probability=0.0)
+      rate = timing_rate(name)
+      timed[name] = make_run(config, name, rate, 0, data, probability=1.0)
+      timed[name + " skip"] = make_run(config, name, rate, 0, data, probability=0.0)
     else:
       timed[name] = runs[name]
   for run in timed.values():
@@ -173,8 +179,8 @@ def timing(config, names, data, args):
     memory = run.step.memory_analysis()
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
             + memory.temp_size_in_bytes - memory.alias_size_in_bytes)
-    results[name] = {"compile": float(np.median(compiles[name])), "step": float(np.median(rounds[name])),
-                     "memory_mb": peak / 2**20}
+    results[name] = {"compile": float(np.median(compiles[name])),
+                     "step": float(np.median(rounds[name])), "memory_mb": peak / 2**20}
     if name in PSGD:
       results[name]["skip"] = float(np.median(rounds[name + " skip"]))
   return results
@@ -197,7 +203,7 @@ def compile_once(config, name, data):
   import jax
   import jax.numpy as jnp
   jax.jit(lambda x: x + 1).lower(jnp.ones(2)).compile()
-  run = make_run(config, name, GRIDS[name][len(GRIDS[name]) // 2], 0, data)
+  run = make_run(config, name, timing_rate(name), 0, data)
   print(json.dumps({"compile": run.compile_seconds}))
 
 
@@ -269,9 +275,8 @@ def main(argv=None):
       if name == "adamw":
         adamw_steps, adamw_seconds = steps, seconds
       ratio = lambda x, y: "-" if x is None or not y else f"{x / y:.2f}"
-      fmt = lambda x, width, spec: f"{'-' if x is None else format(x, spec):>{width}}"
-      print(f"{name:<13}{best[name]:>9.3g}{final:>9.4f}{fmt(steps, 10, '.0f')}"
-            f"{ratio(steps, adamw_steps):>10}{fmt(seconds, 8, '.0f')}"
+      print(f"{name:<13}{best[name]:>9.3g}{final:>9.4f}{gpt.cell(steps, 10, '.0f')}"
+            f"{ratio(steps, adamw_steps):>10}{gpt.cell(seconds, 8, '.0f')}"
             f"{ratio(seconds, adamw_seconds):>10}")
       report.setdefault("rows", {})[name] = {
           "best_lr": best[name], "final": final, "steps_to_target": steps,

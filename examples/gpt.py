@@ -284,14 +284,18 @@ def summarize(curves, target):
   return rows
 
 
+def cell(value, width, spec):
+  """``value`` formatted with ``spec`` and right-aligned in ``width``; ``-`` for None."""
+  return f"{'-' if value is None else format(value, spec):>{width}}"
+
+
 def print_table(rows, peaks, target):
   print(f"\nvalidation loss (nats/byte) to reach: {target:.4f} (AdamW's final)")
   print(f"{'optimizer':<13}{'peak lr':>9}{'final valid':>13}{'steps to':>10}{'s to':>8}"
         f"{'compile s':>11}")
-  fmt = lambda x, width, spec: f"{'-' if x is None else format(x, spec):>{width}}"
   for name, (final, steps, seconds, compile_seconds) in rows.items():
-    print(f"{name:<13}{peaks[name]:>9.3g}{final:>13.4f}{fmt(steps, 10, '.0f')}"
-          f"{fmt(seconds, 8, '.1f')}{compile_seconds:>11.2f}")
+    print(f"{name:<13}{peaks[name]:>9.3g}{final:>13.4f}{cell(steps, 10, '.0f')}"
+          f"{cell(seconds, 8, '.1f')}{compile_seconds:>11.2f}")
 
 
 def save_plot(curves, path):

@@ -43,7 +43,7 @@ _ARGS_DOC = """    learning_rate: step size (float or schedule of the step count
     weight_decay: decoupled weight decay (``θ ← θ − lr·wd·θ``).
     mask: pytree of booleans (or a callable of the params) selecting the leaves to decay.
     max_update_rms: clip each leaf's update to this RMS before the step size
-      (as ``optax.clip_by_block_rms``; ``None`` disables). The whitened direction has RMS
+      (``optax.clip_by_block_rms``; ``None`` disables). The whitened direction has RMS
       about 1, so this bounds the step at ``1.1·learning_rate`` per entry on average."""
 
 
