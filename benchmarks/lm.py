@@ -3,6 +3,8 @@
     python benchmarks/lm.py                        # the full protocol (hours on 2 CPU cores)
     python benchmarks/lm.py --steps 300 --json lm.json
     python benchmarks/lm.py --timing-only          # compile, step time and memory only
+    python benchmarks/lm.py --no-timing --runs-dir runs   # the runs, resumable; then
+    python benchmarks/lm.py --runs-dir runs        # adds the timing to the kept runs
 
 1. Timing: each step's compile (``jit(...).lower(...).compile()``, the first step's compile
    time) in a fresh process, ``--compile-repeats`` times in interleaved rounds (the
@@ -62,6 +64,11 @@ def parse_args(argv=None):
   parser.add_argument("--eval-every", type=int, default=50, help="steps between validations")
   parser.add_argument("--baseline", default=None,
                       help="another checkout: its kron joins the timing as kron_baseline")
+  parser.add_argument("--no-timing", action="store_true",
+                      help="skip the timing part (runs only; the seconds columns stay empty)")
+  parser.add_argument("--runs-dir", default=None,
+                      help="keep each training run's curves here and reuse them: the protocol "
+                      "resumes across processes, and a later call adds the timing to them")
   parser.add_argument("--json", default=None, help="write the results here")
   parser.add_argument("--no-progress", action="store_true", help="no progress bars")
   args = parser.parse_args(argv)
@@ -207,22 +214,55 @@ def compile_once(config, name, data):
   print(json.dumps({"compile": run.compile_seconds}))
 
 
+def cached_run(config, name, peak, seed, data, args):
+  """``gpt.train_run``, kept in ``--runs-dir`` (one JSON per run, with the commit it ran
+  on) so that a protocol of many CPU-hours can resume where a process stopped."""
+  path = None
+  if args.runs_dir:
+    os.makedirs(args.runs_dir, exist_ok=True)
+    path = os.path.join(args.runs_dir, f"{name}_lr{peak:g}_seed{seed}_steps{config.steps}"
+                        f"_batch{config.batch}_eval{config.eval_every}.json")
+    if os.path.exists(path):
+      with open(path) as f:
+        result = json.load(f)
+      print(f"  {name:<12} lr {peak:<8.3g} seed {seed}: final valid "
+            f"{result['valid'][-1]:.4f} (kept, commit {result.get('commit', '?')})", flush=True)
+      return result
+  result = gpt.train_run(config, name, peak, seed, data, make_run)
+  print(f"  {name:<12} lr {peak:<8.3g} seed {seed}: final valid "
+        f"{result['valid'][-1]:.4f}", flush=True)
+  if path:
+    result["commit"] = current_commit()
+    with open(path + ".partial", "w") as f:
+      json.dump(result, f)
+    os.replace(path + ".partial", path)
+  return result
+
+
+def current_commit():
+  import subprocess
+  done = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                        cwd=os.path.dirname(os.path.abspath(__file__)))
+  return done.stdout.strip() or "?"
+
+
 def sweep_and_seeds(config, names, data, args):
-  curves, finals = {}, {}
+  """Each optimizer in turn: its grid on the first seed, then the other seeds at its best
+  rate (kron also at its default rate, where that is not the best)."""
+  curves, finals, best = {}, {}, {}
   for name in names:
     for peak in GRIDS[name]:
-      result = gpt.train_run(config, name, peak, args.seeds[0], data, make_run)
+      result = cached_run(config, name, peak, args.seeds[0], data, args)
       finals[(name, peak)] = result["valid"][-1]
       curves[(name, peak, args.seeds[0])] = result
-      print(f"  {name:<12} lr {peak:<8.3g} seed {args.seeds[0]}: final valid "
-            f"{result['valid'][-1]:.4f}", flush=True)
-  best = {name: min(GRIDS[name], key=lambda p, n=name: finals[(n, p)]) for name in names}
-  for name in names:
-    for seed in args.seeds[1:]:
-      result = gpt.train_run(config, name, best[name], seed, data, make_run)
-      curves[(name, best[name], seed)] = result
-      print(f"  {name:<12} lr {best[name]:<8.3g} seed {seed}: final valid "
-            f"{result['valid'][-1]:.4f}", flush=True)
+    best[name] = min(GRIDS[name], key=lambda p, n=name: finals[(n, p)])
+    rates = {best[name]}
+    if name == "kron":
+      rates.add(gpt.default_kron_rate())
+    for peak in sorted(rates):
+      for seed in args.seeds:
+        if (name, peak, seed) not in curves:
+          curves[(name, peak, seed)] = cached_run(config, name, peak, seed, data, args)
   return curves, finals, best
 
 
@@ -244,8 +284,19 @@ def main(argv=None):
   print(f"byte GPT {config.layers}x{config.width}, context {config.context}, batch "
         f"{args.batch}, {args.steps} steps; {jax.devices()[0].device_kind}, "
         f"{os.cpu_count()} CPUs", flush=True)
-  times = timing(config, names, data, args)
+  times = {} if args.no_timing else timing(config, names, data, args)
   names = [name for name in names if name != "kron_baseline"]  # timing only
+  if times:
+    print_timing(times)
+  report = {"args": vars(args), "timing": times}
+  if not args.timing_only:
+    report.update(protocol(config, names, data, times, args))
+  if args.json:
+    with open(args.json, "w") as f:
+      json.dump(report, f, indent=1)
+
+
+def print_timing(times):
   base = times.get("adamw", next(iter(times.values())))
   print(f"\n{'optimizer':<14}{'compile s':>10}{'ratio':>7}{'step ms':>9}{'ratio':>7}"
         f"{'no-fit ms':>11}{'ratio':>7}{'memory MB':>11}")
@@ -255,37 +306,42 @@ def main(argv=None):
     print(f"{name:<14}{t['compile']:>10.2f}{t['compile'] / base['compile']:>7.2f}"
           f"{1e3 * t['step']:>9.1f}{t['step'] / base['step']:>7.2f}{skip}"
           f"{t['memory_mb']:>11.1f}")
-  report = {"args": vars(args), "timing": times}
-  if not args.timing_only:
-    curves, finals, best = sweep_and_seeds(config, names, data, args)
-    per_name = {name: [curves[(name, best[name], s)] for s in args.seeds] for name in names}
-    target = gpt.summarize({"adamw": per_name["adamw"]}, 0.0)["adamw"][0]
-    rows = gpt.summarize(per_name, target)
-    print(f"\nsweep (seed {args.seeds[0]}, final valid):")
-    for name in names:
-      print(f"  {name:<12}" + "  ".join(f"{p:g}: {finals[(name, p)]:.4f}" for p in GRIDS[name]))
-    print(f"\nat each best rate, mean of seeds {args.seeds}; target {target:.4f} "
-          "(AdamW's final)")
-    print(f"{'optimizer':<13}{'best lr':>9}{'final':>9}{'steps to':>10}{'vs AdamW':>10}"
-          f"{'s to':>8}{'vs AdamW':>10}")
-    adamw_steps, adamw_seconds = None, None
-    for name in names:
-      final, steps, _, _ = rows[name]
-      seconds = expected_seconds(name, steps, times[name])
-      if name == "adamw":
-        adamw_steps, adamw_seconds = steps, seconds
-      ratio = lambda x, y: "-" if x is None or not y else f"{x / y:.2f}"
-      print(f"{name:<13}{best[name]:>9.3g}{final:>9.4f}{gpt.cell(steps, 10, '.0f')}"
-            f"{ratio(steps, adamw_steps):>10}{gpt.cell(seconds, 8, '.0f')}"
-            f"{ratio(seconds, adamw_seconds):>10}")
-      report.setdefault("rows", {})[name] = {
-          "best_lr": best[name], "final": final, "steps_to_target": steps,
-          "seconds_to_target": seconds}
-    report["sweep"] = {f"{n}@{p:g}": v for (n, p), v in finals.items()}
-    report["target"] = target
-  if args.json:
-    with open(args.json, "w") as f:
-      json.dump(report, f, indent=1)
+
+
+def protocol(config, names, data, times, args):
+  """Sweep and seeds, then the table: each optimizer at its best rate (and kron at its
+  default rate), mean over seeds, against AdamW's final validation loss."""
+  curves, finals, best = sweep_and_seeds(config, names, data, args)
+  rows = [(name, best[name]) for name in names]
+  if "kron" in names and best["kron"] != gpt.default_kron_rate():
+    rows.insert(names.index("kron") + 1, ("kron", gpt.default_kron_rate()))
+  per_row = {f"{name}@{peak:g}": [curves[(name, peak, s)] for s in args.seeds]
+             for name, peak in rows}
+  target = gpt.summarize({"adamw": per_row[f"adamw@{best['adamw']:g}"]}, 0.0)["adamw"][0]
+  summary = gpt.summarize(per_row, target)
+  print(f"\nsweep (seed {args.seeds[0]}, final valid):")
+  for name in names:
+    print(f"  {name:<12}" + "  ".join(f"{p:g}: {finals[(name, p)]:.4f}" for p in GRIDS[name]))
+  print(f"\nmean of seeds {args.seeds}; target {target:.4f} (AdamW's final at its best rate)")
+  print(f"{'optimizer':<15}{'lr':>7}{'final':>9}{'steps to':>10}{'vs AdamW':>10}"
+        f"{'s to':>8}{'vs AdamW':>10}")
+  report, adamw_steps, adamw_seconds = {}, None, None
+  ratio = lambda x, y: "-" if x is None or not y else f"{x / y:.2f}"
+  for name, peak in rows:
+    key = f"{name}@{peak:g}"
+    final, steps, _, _ = summary[key]
+    seconds = expected_seconds(name, steps, times[name]) if name in times else None
+    if name == "adamw":
+      adamw_steps, adamw_seconds = steps, seconds
+    label = name + (" (default)" if name == "kron" and peak == gpt.default_kron_rate() else "")
+    print(f"{label:<15}{peak:>7.3g}{final:>9.4f}{gpt.cell(steps, 10, '.0f')}"
+          f"{ratio(steps, adamw_steps):>10}{gpt.cell(seconds, 8, '.0f')}"
+          f"{ratio(seconds, adamw_seconds):>10}")
+    report[key] = {"lr": peak, "best": peak == best[name], "final": final,
+                   "finals": [run["valid"][-1] for run in per_row[key]],
+                   "steps_to_target": steps, "seconds_to_target": seconds}
+  return {"rows": report, "target": target,
+          "sweep": {f"{n}@{p:g}": v for (n, p), v in finals.items()}}
 
 
 if __name__ == "__main__":
