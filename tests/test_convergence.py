@@ -132,35 +132,48 @@ def test_kron_whitening_converges_to_inverse_sqrt_covariance(geometry):
   assert fit_error(p, matrix_sqrt(covariance)) < 0.1
 
 
-def test_rosenbrock_newton_reaches_1e_10_within_300_iterations():
+def _rosenbrock_iterations(tx, steps):
+  """Iterations from (−1, 1) to f < 1e-10 (float64), or None within ``steps``."""
+  rosenbrock = lambda x: 100.0 * (x[1] - x[0] ** 2) ** 2 + (1.0 - x[0]) ** 2
+
+  def body(carry, _):
+    x, state = carry
+    updates, state = tx.update(jax.grad(rosenbrock)(x), state, x, value_fn=rosenbrock)
+    x = optax.apply_updates(x, updates)
+    return (x, state), rosenbrock(x)
+
+  x = jnp.array([-1.0, 1.0], jnp.float64)
+  _, losses = jax.jit(lambda x: jax.lax.scan(body, (x, tx.init(x)), None, length=steps))(x)
+  hits = np.nonzero(np.asarray(losses) < 1e-10)[0]
+  return int(hits[0]) + 1 if hits.size else None
+
+
+def test_rosenbrock_newton_with_per_step_normalization_beats_150_iterations():
   """Paper 000 §7.1: the Newton type solves Rosenbrock from (−1, 1) in about 200 steps.
 
-  Dense Q, default geometry, with the paper's preconditioned-gradient clipping (norm 1).
-  Measured: 262 iterations (float64; 236 before the probes of all leaves came from one draw).
+  Its rule normalizes each fit step by that step's own gradient bound. The default
+  ``lipschitz_decay=0.9`` keeps a memory of past bounds instead, which steadies noisy fits
+  but, on this problem, where the exact Hessian-vector products shrink by orders of
+  magnitude along the valley, keeps the steps of ``Q`` too short. With ``lipschitz_decay=0``
+  and the papers' triangular ``geometry="eq"`` at ``precond_lr=1`` (20 probe seeds,
+  benchmarks/rosenbrock_newton.py: median 110, 86–169; seeds 0–4 here: 86–110) the median
+  over probe seeds is below 150; with the memory, at the same settings, every seed needs
+  more than 400 (410–457).
   """
   with jax.enable_x64(True):
-    rosenbrock = lambda x: 100.0 * (x[1] - x[0] ** 2) ** 2 + (1.0 - x[0]) ** 2
-    tx = optax.chain(
-        psgd.dense(curvature="newton", update_probability=1.0, precond_lr=0.2,
-                   precond_dtype=jnp.float64),
-        optax.clip_by_global_norm(1.0),
-        optax.scale(-1.0))
-    x = jnp.array([-1.0, 1.0], jnp.float64)
-    state = tx.init(x)
+    def iterations(seed, decay):
+      tx = optax.chain(
+          psgd.dense(curvature="newton", update_probability=1.0, precond_lr=1.0,
+                     geometry="eq", lipschitz_decay=decay, precond_dtype=jnp.float64,
+                     seed=seed),
+          optax.clip_by_global_norm(1.0), optax.scale(-1.0))
+      found = _rosenbrock_iterations(tx, 300)
+      return 301 if found is None else found
 
-    @jax.jit
-    def step(x, state):
-      updates, state = tx.update(jax.grad(rosenbrock)(x), state, x, value_fn=rosenbrock)
-      return optax.apply_updates(x, updates), state
-
-    iterations = None
-    for t in range(300):
-      x, state = step(x, state)
-      if rosenbrock(x) < 1e-10:
-        iterations = t + 1
-        break
-    print(f"Rosenbrock: f < 1e-10 after {iterations} iterations")
-    assert iterations is not None and iterations <= 300
+    per_step = [iterations(seed, 0.0) for seed in range(5)]
+    remembered = [iterations(seed, 0.9) for seed in range(5)]
+  assert max(per_step) <= 200 and np.median(per_step) <= 150, per_step
+  assert min(remembered) > 300, remembered
 
 
 def test_whole_model_dense_through_optax_flatten_fits_cross_leaf_curvature():

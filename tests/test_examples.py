@@ -28,7 +28,7 @@ import rosenbrock  # noqa: E402
 def test_rosenbrock_example_newton_psgd_reaches_1e_10_and_first_order_does_not():
   results = rosenbrock.compare(300, learning_rates=(1e-3, 3e-3), progress=False)
   newton = rosenbrock.iterations_to(results["psgd dense newton"])
-  assert newton is not None and newton <= 300  # paper 000: about 200
+  assert newton is not None and newton <= 150  # paper 000: about 200; measured 99
   swept = [name for name in results if "(lr " in name]
   assert len(swept) == 5  # whitening PSGD and four first-order methods, best lr each
   assert all(rosenbrock.iterations_to(results[name]) is None for name in swept)

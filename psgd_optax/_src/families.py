@@ -42,7 +42,12 @@ _DOCS = {
     "{affine_layout_args_and_returns}": affine_lib.AFFINE_LAYOUT_DOC
                                         + "\n\n  Args:\n{shared_args_and_returns}",
     # Every family's last Args entries and its Returns section.
-    "{shared_args_and_returns}": """    lipschitz_decay: decay of the Lipschitz estimates that normalize fit steps.
+    "{shared_args_and_returns}": """    lipschitz_decay: decay of the running maximum of past step bounds that normalizes
+      each fit step (``L ← max(βL + (1 − β)ℓ, ℓ)``). The default 0.9 steadies fits to
+      noisy pairs; 0 normalizes each step by its own bound, as paper 000 does, which
+      suits exact deterministic curvature (Newton type on a full-batch problem): on
+      Rosenbrock with ``geometry="eq"`` and ``precond_lr=1`` it takes a median of 110
+      iterations to f < 1e-10 against 441 at 0.9.
 """ + options_lib.ARGS_DOC.rstrip("\n") + """
 
   Returns:
