@@ -1,0 +1,41 @@
+"""Sphinx configuration: ``python -m sphinx -W -b html docs docs/_build/html``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+sys.path.insert(0, os.path.abspath(".."))
+
+import psgd_optax  # noqa: E402
+
+project = "psgd_optax"
+author = "psgd_optax developers"
+release = version = psgd_optax.__version__
+
+extensions = [
+    "sphinx.ext.autodoc",
+    "sphinx.ext.autosummary",
+    "sphinx.ext.napoleon",
+    "sphinx.ext.viewcode",
+    "sphinx-mathjax-offline",  # MathJax served from the built site: math renders offline
+    "myst_nb",
+]
+
+# The notebooks are shown with the outputs stored in them (tests/test_notebooks.py runs them).
+nb_execution_mode = "off"
+myst_enable_extensions = ["dollarmath", "colon_fence"]
+# .rst first: autosummary writes its generated API stubs (docs/api, not kept in git) in RST.
+source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
+
+autosummary_generate = True
+autodoc_default_options = {"members": False, "show-inheritance": False}
+autodoc_typehints = "description"
+autodoc_member_order = "bysource"
+napoleon_google_docstring = True
+napoleon_numpy_docstring = False
+napoleon_use_rtype = False
+
+exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+html_theme = "furo"
+html_title = f"psgd_optax {release}"
