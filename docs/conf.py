@@ -3,11 +3,18 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 sys.path.insert(0, os.path.abspath(".."))
 
 import psgd_optax  # noqa: E402
+
+# The gallery shows the repository's notebooks; Sphinx reads only files under docs/, so the
+# build copies them in (docs/notebooks is not kept in git).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+shutil.copytree(os.path.join(_HERE, "..", "notebooks"), os.path.join(_HERE, "notebooks"),
+                dirs_exist_ok=True)
 
 project = "psgd_optax"
 author = "psgd_optax developers"
@@ -25,6 +32,7 @@ extensions = [
 # The notebooks are shown with the outputs stored in them (tests/test_notebooks.py runs them).
 nb_execution_mode = "off"
 myst_enable_extensions = ["dollarmath", "colon_fence"]
+myst_heading_anchors = 3  # BENCHMARKS.md links to its own sections, GitHub-style
 # .rst first: autosummary writes its generated API stubs (docs/api, not kept in git) in RST.
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
 
