@@ -18,6 +18,7 @@ shutil.copytree(os.path.join(_HERE, "..", "notebooks"), os.path.join(_HERE, "not
 
 project = "psgd_optax"
 author = "psgd_optax developers"
+copyright = "psgd_optax developers"  # noqa: A001 (Sphinx reads this name)
 release = version = psgd_optax.__version__
 
 extensions = [
@@ -45,5 +46,6 @@ napoleon_numpy_docstring = False
 napoleon_use_rtype = False
 
 exclude_patterns = ["_build", "Thumbs.db", ".DS_Store", "**.ipynb_checkpoints"]
+highlight_language = "none"  # unlabeled blocks (tables a script printed) stay plain text
 html_theme = "furo"
 html_title = f"psgd_optax {release}"
