@@ -39,26 +39,3 @@ def save_curves(curves, path, *, xlabel, ylabel, title, window=1, steps=None):
   fig.savefig(path, dpi=120)
   plt.close(fig)
   print(f"saved {path}")
-
-
-def comparison_parser(description, *, steps, plot, optimizers):
-  """The command line of the CNN examples: steps, batch, seeds, a subset of optimizers, one
-  learning rate for all of them (for sweeps) and the plot's path."""
-  import argparse
-
-  parser = argparse.ArgumentParser(description=description)
-  parser.add_argument("--steps", type=int, default=steps)
-  parser.add_argument("--batch", type=int, default=128)
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-  parser.add_argument("--optimizers", nargs="+", default=None, choices=optimizers)
-  parser.add_argument("--learning-rate", type=float, default=None,
-                      help="peak learning rate for every chosen optimizer (for sweeps)")
-  parser.add_argument("--plot", default=plot)
-  return parser
-
-
-def learning_rate_overrides(args, names):
-  """name → ``--learning-rate`` for every optimizer name, or ``None`` without the flag."""
-  if args.learning_rate is None:
-    return None
-  return {name: args.learning_rate for name in names}

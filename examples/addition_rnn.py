@@ -1,7 +1,7 @@
 """The addition problem with a vanilla tanh RNN and mini-batch size 1: PSGD vs first order.
 
     python examples/addition_rnn.py                     # length 30, seeds 0-2, 50000 steps
-    python examples/addition_rnn.py --steps 100000 --methods diag kron lra adam sgd
+    python examples/addition_rnn.py --steps 100000 --optimizers diag kron lra adam sgd
 
 Li 2018 (paper 001) Experiment 1 (the task of Hochreiter & Schmidhuber 1997): each sequence
 holds values uniform in [0, 1] and two markers, one in each half; a tanh RNN with 30 hidden
@@ -17,12 +17,27 @@ loss, and saves the loss curves to ``addition_rnn.png``. The default run takes a
 
 from __future__ import annotations
 
-import argparse
+from _cli import example_parser
 
-import optax
+OPTIMIZERS = ("diag", "kron", "lra", "adam", "sgd")
 
-import psgd_optax as psgd
-from _rnn_tasks import addition, compare, psgd_newton, report
+
+def parse_args(argv=None):
+  parser = example_parser(__doc__, steps=50_000, seeds=[0, 1, 2], optimizers=OPTIMIZERS,
+                          default_optimizers=("kron", "lra", "adam", "sgd"),
+                          plot="addition_rnn.png")
+  parser.add_argument("--length", type=int, default=30, help="sequence length")
+  parser.add_argument("--batch", type=int, default=1, help="sequences per step")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  parse_args()  # --help and bad flags answer here, before JAX loads
+
+import optax  # noqa: E402
+
+import psgd_optax as psgd  # noqa: E402
+from _rnn_tasks import addition, compare, psgd_newton, report  # noqa: E402
 
 
 # Learning rates: each the best of a sweep over 50000 steps and seeds 0-2 (BENCHMARKS.md):
@@ -47,29 +62,17 @@ def methods(learning_rates=None):
   }
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--length", type=int, default=30)
-  parser.add_argument("--batch", type=int, default=1)
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--steps", type=int, default=50_000)
-  parser.add_argument("--methods", nargs="+",
-                      choices=["diag", "kron", "lra", "adam", "sgd"],
-                      default=["kron", "lra", "adam", "sgd"])
-  parser.add_argument("--learning-rate", type=float, default=None,
-                      help="one learning rate for every chosen method (for sweeps)")
-  parser.add_argument("--plot", default="addition_rnn.png")
-  args = parser.parse_args()
+def main(argv=None):
+  args = parse_args(argv)
   overrides = None
   if args.learning_rate is not None:
     overrides = {key: args.learning_rate for key in LEARNING_RATES}
   chosen = {name: (tx, layout) for key, (name, tx, layout) in methods(overrides).items()
-            if key in args.methods}
+            if key in args.optimizers}
   task = addition(args.length, args.batch)
   chunk = max(args.steps // 100, 1)
   results = compare(task, chosen, args.seeds, args.steps, chunk)
-  report(task, results, args.seeds, args.steps, chunk, args.plot)
-
+  report(task, results, args.seeds, args.steps, chunk, None if args.no_plot else args.plot)
 
 if __name__ == "__main__":
   main()

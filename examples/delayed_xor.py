@@ -1,7 +1,7 @@
 """Delayed XOR with a vanilla tanh RNN: PSGD (Newton type) vs Adam on a long-memory task.
 
     python examples/delayed_xor.py                      # length 32, seeds 0-2, 12000 steps
-    python examples/delayed_xor.py --length 64 --steps 100000 --methods lra kron adam
+    python examples/delayed_xor.py --length 64 --steps 100000 --optimizers lra kron adam
 
 Li 2018 (paper 001) Experiment 2 and Li et al. 2023 (paper 002) Table 8: each sequence holds
 random ±1 values and two markers, one in the first 10% of the sequence and one in 10–50%; a
@@ -17,12 +17,28 @@ on 2 CPU cores. The 10-seed protocol with 1e5 steps is ``benchmarks/delayed_xor.
 
 from __future__ import annotations
 
-import argparse
+from _cli import example_parser
 
-import optax
+OPTIMIZERS = ("lra", "kron", "adam")
 
-import psgd_optax as psgd
-from _rnn_tasks import compare, delayed_xor, psgd_newton, report
+
+def parse_args(argv=None):
+  parser = example_parser(
+      __doc__, steps=12_000, seeds=[0, 1, 2], optimizers=OPTIMIZERS,
+      default_optimizers=("lra", "adam"), plot="delayed_xor.png",
+      learning_rate_help="Adam's learning rate (default 1e-3, the best of 1e-3, 3e-3, 1e-2 at "
+      "length 32); PSGD keeps the papers' 0.01 on clipped steps")
+  parser.add_argument("--length", type=int, default=32, help="sequence length")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  parse_args()  # --help and bad flags answer here, before JAX loads
+
+import optax  # noqa: E402
+
+import psgd_optax as psgd  # noqa: E402
+from _rnn_tasks import compare, delayed_xor, psgd_newton, report  # noqa: E402
 
 
 def methods(adam_lr=1e-3):
@@ -37,24 +53,15 @@ def methods(adam_lr=1e-3):
   }
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--length", type=int, default=32)
-  parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-  parser.add_argument("--steps", type=int, default=12_000)
-  parser.add_argument("--adam-lr", type=float, default=1e-3,
-                      help="the best of 1e-3, 3e-3, 1e-2 at length 32 (BENCHMARKS.md)")
-  parser.add_argument("--methods", nargs="+", choices=["lra", "kron", "adam"],
-                      default=["lra", "adam"])
-  parser.add_argument("--plot", default="delayed_xor.png")
-  args = parser.parse_args()
-  chosen = {name: method for name, method in methods(args.adam_lr).items()
-            if any(key in name for key in args.methods)}
+def main(argv=None):
+  args = parse_args(argv)
+  adam_lr = 1e-3 if args.learning_rate is None else args.learning_rate
+  chosen = {name: method for name, method in methods(adam_lr).items()
+            if any(key in name for key in args.optimizers)}
   task = delayed_xor(args.length)
   chunk = max(args.steps // 50, 1)
   results = compare(task, chosen, args.seeds, args.steps, chunk)
-  report(task, results, args.seeds, args.steps, chunk, args.plot)
-
+  report(task, results, args.seeds, args.steps, chunk, None if args.no_plot else args.plot)
 
 if __name__ == "__main__":
   main()

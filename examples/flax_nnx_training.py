@@ -19,19 +19,33 @@ Prints the test accuracy and final training loss of each type and saves the loss
 
 from __future__ import annotations
 
-import argparse
+from _cli import example_parser
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from tqdm import tqdm
+# The peak learning rate of each type (cosine decay): whitening steps are per entry, Newton
+# steps are Newton-sized.
+LEARNING_RATES = {"whitening": 1e-2, "newton": 0.3}
 
-import psgd_optax as psgd
-from _common import save_curves
+
+def parse_args(argv=None):
+  parser = example_parser(__doc__, steps=400, seeds=[0], optimizers=tuple(LEARNING_RATES),
+                          plot="flax_nnx_training.png")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  parse_args()  # --help and bad flags answer here, before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from flax import nnx  # noqa: E402
+from sklearn.datasets import load_digits  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import psgd_optax as psgd  # noqa: E402
+from _common import save_curves  # noqa: E402
 
 
 class MLP(nnx.Module):
@@ -61,19 +75,19 @@ def train_step(model, optimizer, x, y, newton=False):
   return loss
 
 
-def train(newton, steps, batch=256, seed=0, progress=True):
-  """Return (training losses, test accuracy)."""
+def train(newton, steps, batch=256, seed=0, progress=True, learning_rate=None):
+  """Return (training losses, test accuracy); ``learning_rate``: the peak of the cosine
+  schedule (default ``LEARNING_RATES`` of the type)."""
   images, labels = load_digits(return_X_y=True)
   x_train, x_test, y_train, y_test = train_test_split(
       (images / 16.0).astype(np.float32), labels.astype(np.int32), test_size=0.25,
       random_state=0)
   model = MLP(nnx.Rngs(seed))
   # The default per-bucket state keeps its structure under nnx.Optimizer: one compile.
-  if newton:
-    tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(0.3, steps),
-                              curvature="newton")
-  else:
-    tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(1e-2, steps))
+  kind = "newton" if newton else "whitening"
+  peak = LEARNING_RATES[kind] if learning_rate is None else learning_rate
+  tx = psgd.optimizers.kron(learning_rate=optax.cosine_decay_schedule(peak, steps),
+                            curvature=kind)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
   rng = np.random.default_rng(seed)
   losses = []
@@ -85,24 +99,23 @@ def train(newton, steps, batch=256, seed=0, progress=True):
   return np.asarray(jax.device_get(losses)), accuracy
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--steps", type=int, default=400)
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--plot", default="flax_nnx_training.png")
-  args = parser.parse_args()
-  results = {name: train(name == "newton", args.steps, seed=args.seed)
-             for name in ("whitening", "newton")}
-  print(f"\nMLP on load_digits, psgd.optimizers.kron, {args.steps} steps "
+def main(argv=None):
+  args = parse_args(argv)
+  results = {name: [train(name == "newton", args.steps, seed=seed,
+                          learning_rate=args.learning_rate) for seed in args.seeds]
+             for name in args.optimizers}
+  print(f"\nMLP on load_digits, psgd.optimizers.kron, {args.steps} steps, seeds {args.seeds} "
         f"({jax.devices()[0].platform})")
   print(f"{'type':<12}{'test accuracy':>15}{'final loss':>12}")
-  for name, (losses, accuracy) in results.items():
-    print(f"{name:<12}{accuracy:>15.4f}{losses[-20:].mean():>12.4f}")
-
-  save_curves({name: losses for name, (losses, _) in results.items()}, args.plot,
-              xlabel="step", ylabel="training loss (10-step mean)",
-              title="Flax nnx MLP on load_digits, PSGD-Kron", window=10)
-
+  for name, runs in results.items():
+    accuracy = np.mean([accuracy for _, accuracy in runs])
+    final = np.mean([losses[-20:].mean() for losses, _ in runs])
+    print(f"{name:<12}{accuracy:>15.4f}{final:>12.4f}")
+  if not args.no_plot:
+    save_curves({name: np.mean([losses for losses, _ in runs], axis=0)
+                 for name, runs in results.items()}, args.plot,
+                xlabel="step", ylabel="training loss (10-step mean)",
+                title="Flax nnx MLP on load_digits, PSGD-Kron", window=10)
 
 if __name__ == "__main__":
   main()

@@ -12,15 +12,30 @@ the final f and the iterations to reach f < 1e-10, and saves the curves as a PNG
 
 from __future__ import annotations
 
-import argparse
+from _cli import example_parser
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
-from tqdm import tqdm
+OPTIMIZERS = ("dense", "kron", "lra", "whitening", "gd", "momentum", "nesterov", "adam")
 
-import psgd_optax as psgd
+
+def parse_args(argv=None):
+  parser = example_parser(
+      __doc__, steps=500, seeds=[0], optimizers=OPTIMIZERS, plot="rosenbrock.png",
+      learning_rate_help="one learning rate for the methods that need one (first-order and "
+      "PSGD whitening) instead of each one's best of a small sweep; the Newton type keeps its "
+      "unit step")
+  return parser.parse_args(argv)
+
+
+if __name__ == "__main__":
+  parse_args()  # --help and bad flags answer here, before JAX loads
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+import psgd_optax as psgd  # noqa: E402
 
 START = (-1.0, 1.0)
 TOLERANCE = 1e-10
@@ -30,10 +45,11 @@ def rosenbrock(x):
   return 100.0 * (x[1] - x[0] ** 2) ** 2 + (1.0 - x[0]) ** 2
 
 
-def psgd_methods():
+def psgd_methods(seed=0):
+  """The Newton-type PSGD runs, their probes drawn from ``seed``."""
   def psgd_tx(family, curvature, **options):
     return optax.chain(family(curvature=curvature, update_probability=1.0,
-                              precond_dtype="float64", **options),
+                              precond_dtype="float64", seed=seed, **options),
                        optax.clip_by_global_norm(1.0), optax.scale(-1.0))
 
   # Exact curvature on every step: each fit step normalized by its own bound
@@ -83,16 +99,27 @@ def iterations_to(losses, tolerance=TOLERANCE):
   return int(hits[0]) + 1 if hits.size else None
 
 
-def compare(steps, learning_rates=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2), progress=True):
-  """``{method: losses}``: PSGD runs, and each first-order method at its best swept lr."""
+LEARNING_RATES = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2)  # swept for the methods that need one
+SHORT_NAMES = {"dense": "psgd dense newton", "kron": "psgd kron newton",
+               "lra": "psgd lra newton", "whitening": "psgd dense whitening",
+               "gd": "gradient descent", "momentum": "momentum", "nesterov": "nesterov",
+               "adam": "adam"}
+
+
+def compare(steps, learning_rates=LEARNING_RATES, progress=True, seeds=(0,), names=None):
+  """``{method: losses}``: the Newton-type PSGD runs (one per probe seed, labelled with the
+  seed when there are several) and each method that needs a learning rate at its best of
+  ``learning_rates``; ``names``: a subset of ``SHORT_NAMES`` (all by default)."""
   with jax.enable_x64(True):  # float64 here only, not for whoever imports this module
-    return _compare(steps, learning_rates, progress)
+    return _compare(steps, learning_rates, progress, seeds, names)
 
 
-def _compare(steps, learning_rates, progress):
+def _compare(steps, learning_rates, progress, seeds, names):
+  chosen = {SHORT_NAMES[name] for name in (names or SHORT_NAMES)}
   results = {}
-  jobs = [(name, tx, None) for name, tx in psgd_methods().items()]
-  jobs += [(name, make(lr), lr) for name, make in swept_methods().items()
+  jobs = [(name + (f" (seed {seed})" if len(seeds) > 1 else ""), tx, None)
+          for seed in seeds for name, tx in psgd_methods(seed).items() if name in chosen]
+  jobs += [(name, make(lr), lr) for name, make in swept_methods().items() if name in chosen
            for lr in learning_rates]
   for name, tx, lr in tqdm(jobs, desc="rosenbrock", disable=not progress):
     losses = run(tx, steps)
@@ -108,13 +135,10 @@ def _compare(steps, learning_rates, progress):
   return results
 
 
-def main():
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--steps", type=int, default=500)
-  parser.add_argument("--plot", default="rosenbrock.png")
-  parser.add_argument("--no-plot", action="store_true")
-  args = parser.parse_args()
-  results = compare(args.steps)
+def main(argv=None):
+  args = parse_args(argv)
+  rates = LEARNING_RATES if args.learning_rate is None else (args.learning_rate,)
+  results = compare(args.steps, rates, seeds=args.seeds, names=args.optimizers)
   print(f"Rosenbrock from {START}, {args.steps} iterations (float64)")
   print(f"{'method':<30}{'final f':>12}{'iters to 1e-10':>16}")
   for name, losses in results.items():
@@ -134,7 +158,6 @@ def main():
     figure.tight_layout()
     figure.savefig(args.plot, dpi=120)
     print(f"saved {args.plot}")
-
 
 if __name__ == "__main__":
   main()

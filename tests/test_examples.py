@@ -116,3 +116,33 @@ def test_flax_nnx_training_example_newton_type_reaches_95_percent():
   # The whitening type through nnx.Optimizer is checked by test_flax_digits.py.
   _, accuracy = flax_nnx_training.train(True, 300, progress=False)
   assert accuracy > 0.95, accuracy
+
+
+HELP_PROBE = r'''
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
+path = sys.argv[2]
+sys.argv = [path, "--help"]
+try:
+  runpy.run_path(path, run_name="__main__")
+except SystemExit:
+  pass
+print("JAX IMPORTED" if "jax" in sys.modules else "JAX NOT IMPORTED")
+'''
+
+EXAMPLES = ("addition_rnn", "autoencoder", "delayed_xor", "digits", "flax_nnx_training", "gpt",
+            "logistic_regression", "rosenbrock")
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_example_help_answers_before_jax_loads_with_the_shared_flags(name):
+  import subprocess
+  directory = os.path.join(os.path.dirname(__file__), "..", "examples")
+  done = subprocess.run([sys.executable, "-c", HELP_PROBE, directory,
+                         os.path.join(directory, f"{name}.py")],
+                        capture_output=True, text=True, timeout=60)
+  assert done.returncode == 0, done.stderr
+  for flag in ("--steps", "--seeds", "--optimizers", "--learning-rate", "--no-plot"):
+    assert flag in done.stdout, (name, flag)
+  assert "(default:" in done.stdout  # the help shows the defaults
+  assert done.stdout.rstrip().endswith("JAX NOT IMPORTED"), done.stdout[-300:]
