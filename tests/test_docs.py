@@ -36,3 +36,15 @@ def test_the_docs_build_without_warnings(tmp_path):
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   page = (tmp_path / "html" / "api" / "psgd_optax.kron.html").read_text()
   assert "Kronecker" in page and "\\arg\\min_P" in page  # the docstring and its math
+
+
+def test_the_version_is_written_in_one_place():
+  """pyproject.toml reads ``psgd_optax.__version__``; CITATION.cff and the changelog's
+  newest entry must say the same."""
+  with open(os.path.join(DOCS, "..", "CITATION.cff")) as f:
+    cited = re.search(r"^version: (\S+)$", f.read(), flags=re.M).group(1)
+  with open(os.path.join(DOCS, "..", "CHANGELOG.md")) as f:
+    newest = re.search(r"^## (\S+)", f.read(), flags=re.M).group(1)
+  assert cited == newest == psgd.__version__
+  with open(os.path.join(DOCS, "..", "pyproject.toml")) as f:
+    assert 'version = { attr = "psgd_optax._src.version.__version__" }' in f.read()
