@@ -7,7 +7,8 @@
 from psgd_optax import optimizers
 from psgd_optax._src.affine_pairs import AffinePairsState, affine_pairs
 from psgd_optax._src.curvature import CURVATURES, DAMPING_TYPES, SecantMemory
-from psgd_optax._src.engine import PSGDState, preconditioner
+from psgd_optax._src.engine import preconditioner
+from psgd_optax._src.state import PSGDState
 from psgd_optax._src.families import butterfly, dense, diag, kron, lra, scan, scaw, splu, xmat
 from psgd_optax._src.fop import (HypergradientState, fop, per_parameter_hypergradient,
                                  scalar_hypergradient)

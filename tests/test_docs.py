@@ -28,6 +28,21 @@ def test_every_public_name_has_an_api_page():
   assert not documented - public, f"not public: {sorted(documented - public)}"
 
 
+def test_every_public_function_and_class_has_a_runnable_example():
+  """Each API page shows an ``Example:`` (run by the doctests of the default test command);
+  the constants (tuples of names) are shown by value."""
+  lacking = []
+  for name in sorted(psgd.__all__):
+    target = getattr(psgd, name)
+    if name == "optimizers" or isinstance(target, tuple):
+      continue
+    if ">>>" not in (target.__doc__ or ""):
+      lacking.append(name)
+  lacking += [f"optimizers.{name}" for name in psgd.optimizers.__all__
+              if ">>>" not in (getattr(psgd.optimizers, name).__doc__ or "")]
+  assert not lacking, f"no example in the docstring of {lacking}"
+
+
 def test_the_docs_build_without_warnings(tmp_path):
   done = subprocess.run(
       [sys.executable, "-m", "sphinx", "-W", "--keep-going", "-q", "-b", "html", DOCS,

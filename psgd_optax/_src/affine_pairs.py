@@ -20,7 +20,16 @@ from psgd_optax._src.trees import empty_entry
 
 
 class AffinePairsState(NamedTuple):
-  """State of :func:`affine_pairs`: the inner transformation's state (on joined params)."""
+  """State of :func:`affine_pairs`: the inner transformation's state (on joined params).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> params = {"dense": {"kernel": jnp.zeros((3, 2)), "bias": jnp.zeros(2)}}
+    >>> state = psgd.affine_pairs(psgd.scan()).init(params)
+    >>> type(state).__name__, type(state.inner_state).__name__
+    ('AffinePairsState', 'PSGDState')
+  """
 
   inner_state: Any
 

@@ -89,7 +89,15 @@ class CurvaturePair:
 
 
 class SecantMemory(NamedTuple):
-  """The previous step's params and gradients (params-shaped, ``precond_dtype``)."""
+  """The previous step's params and gradients (params-shaped, ``precond_dtype``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> memory = psgd.kron(curvature="secant").init({"w": jnp.zeros(3)}).curvature
+    >>> type(memory).__name__, bool(memory.has_previous)
+    ('SecantMemory', False)
+  """
 
   params: Any
   grads: Any

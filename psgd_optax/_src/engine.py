@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,33 +41,11 @@ from psgd_optax._src import stacks as stacks_lib
 from psgd_optax._src.groups.base import GroupForShape
 from psgd_optax._src.normalize import bound_rms
 from psgd_optax._src.schedules import update_probability_schedule
+from psgd_optax._src.state import PSGDState
 from psgd_optax._src.trees import all_finite, check_real, empty_entry, rebuild, value_at
 from psgd_optax._src.validation import as_dtype, check_x64
 
 ScalarOrSchedule = options_lib.ScalarOrSchedule
-
-
-class PSGDState(NamedTuple):
-  """State of a PSGD preconditioner; its structure depends only on the params' shapes,
-  the ``stacked`` spec and the group options.
-
-  Attributes:
-    count: number of ``update`` calls so far (int32); the probes and the update coin
-      derive from it and ``seed``.
-    preconditioner: one group state per stack of same-shaped units, in plan order (see
-      :mod:`psgd_optax._src.stacks`), in ``precond_dtype``; every array leads with the
-      stack's member axis. :func:`psgd_optax.preconditioner_per_leaf` cuts out each leaf's.
-    scale_set: per stack, a boolean per member: whether that unit's ``Q`` has had its
-      scale set (from ``init_scale`` or from its first usable curvature pair).
-    curvature: what the curvature source remembers between steps: ``()`` for
-      whitening, Newton and finite differences; for ``"secant"`` a
-      ``SecantMemory(params, grads, has_previous)`` of the last finite step.
-  """
-
-  count: jax.Array
-  preconditioner: Any
-  scale_set: Any
-  curvature: Any = ()
 
 
 @dataclasses.dataclass(frozen=True)

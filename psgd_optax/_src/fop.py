@@ -48,6 +48,13 @@ class HypergradientState(NamedTuple):
     previous_updates: the previous step's incoming updates ``g_{t−1}``, in ``precond_dtype``.
     has_previous: whether ``previous_updates`` holds a gradient (the last finite one).
     hyper_state: the state of the optimizer that moves ``preconditioner``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> state = psgd.fop(0.1).init({"w": jnp.zeros((3, 2))})
+    >>> state.preconditioner["w"].shape, bool(state.has_previous)  # M over the 3 inputs
+    ((3, 3), False)
   """
   count: jax.Array
   preconditioner: Any

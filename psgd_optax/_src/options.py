@@ -22,7 +22,13 @@ ScalarOrSchedule = Union[float, jax.Array, Callable[[jax.Array], jax.Array]]
 
 
 class EngineOptions(TypedDict, total=False):
-  """The engine's keyword options, as every family's ``**options`` (see ``ARGS_DOC``)."""
+  """The engine's keyword options, as every family's ``**options`` (see ``ARGS_DOC``).
+
+  Example:
+    >>> import psgd_optax as psgd
+    >>> options: psgd.EngineOptions = {"curvature": "newton", "update_probability": 0.5}
+    >>> tx = psgd.kron(**options)  # type checkers see every key and its type
+  """
 
   curvature: str
   update_probability: ScalarOrSchedule | None

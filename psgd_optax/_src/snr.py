@@ -43,6 +43,13 @@ class SNRState(NamedTuple):
     count: number of ``update`` calls (``int32``).
     mean: EMA of the incoming updates (not bias-corrected), in ``precond_dtype``.
     second_moment: EMA of their squares (not bias-corrected), in ``precond_dtype``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> state = psgd.snr().init({"w": jnp.zeros(3)})
+    >>> int(state.count), state.mean["w"].shape
+    (0, (3,))
   """
   count: jax.Array
   mean: Any
@@ -53,6 +60,16 @@ def snr_ratio(state: SNRState, b1, b2) -> Any:
   """The estimate ``T̂ ∈ [0, 1]`` of ``S/(1+S)`` per coordinate held by an :class:`SNRState`.
 
   ``T̂ = 1`` before any update and on the first (there is no noise estimate yet).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> tx = psgd.snr()
+    >>> state = tx.init({"w": jnp.zeros(3)})
+    >>> for g in ([1.0, -1.0, 1.0], [1.0, 1.0, 1.0], [1.0, -1.0, 1.0]):
+    ...   _, state = tx.update({"w": jnp.array(g)}, state)
+    >>> psgd.snr_ratio(state, 0.99, 0.999)["w"]  # the middle entry flips sign: noise
+    Array([1., 0., 1.], dtype=float32)
   """
 
   def ratio(mean, second_moment):

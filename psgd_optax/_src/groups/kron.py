@@ -33,7 +33,15 @@ MEMORY_SAVE_MODES = (None, "one_diag", "all_diag")
 class KronState(NamedTuple):
   """``Q``'s symmetric positive definite factors (``n×n`` matrices or length-``n``
   vectors; geometries ``"q0.5eq1.5"`` and ``"quad"``) and their Lipschitz estimates (one
-  per factor). Flat leaves: ``[Q₁, …, Q_k, lipschitz]``."""
+  per factor). Flat leaves: ``[Q₁, …, Q_k, lipschitz]``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> state = psgd.kron().init({"w": jnp.zeros((4, 3))})
+    >>> [factor.shape for factor in state.preconditioner[0].factors]  # a stack of one unit
+    [(1, 4, 4), (1, 3, 3)]
+  """
 
   factors: tuple
   lipschitz: jax.Array
@@ -44,7 +52,15 @@ class TriangularKronState(NamedTuple):
 
   A field name of its own, so that a checkpoint of SPD factors is not restored as
   triangular ones (Orbax refuses a target whose field it does not hold); ``factors``
-  reads them as :class:`KronState` does."""
+  reads them as :class:`KronState` does.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> state = psgd.kron(geometry="eq").init({"w": jnp.zeros((4, 3))})
+    >>> [factor.shape for factor in state.preconditioner[0].triangular_factors]
+    [(1, 4, 4), (1, 3, 3)]
+  """
 
   triangular_factors: tuple
   lipschitz: jax.Array
@@ -65,6 +81,14 @@ class KronGroup:
     factors: one factor per axis of the core shape (``factor.size`` each).
     geometry: how the factors move.
     lipschitz_decay: decay of the step normalizer's moving estimate.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.kron_group((4, 3))
+    >>> q = group.init(2.0, jnp.float32)  # Q = 2·I, so P = QᵀQ = 4·I
+    >>> bool(jnp.allclose(group.materialize(q), 4.0 * jnp.eye(12)))
+    True
   """
 
   shape: tuple[int, ...]

@@ -43,7 +43,15 @@ _EQ = get_geometry("eq")
 
 class LRAState(NamedTuple):
   """``Q = diag(d)(I + UVᵀ)``; ``lipschitz`` holds the estimates for ``d``, ``U``, ``V``;
-  ``fit_u`` is 1.0 when the next fit moves ``U`` (0.0: ``V``)."""
+  ``fit_u`` is 1.0 when the next fit moves ``U`` (0.0: ``V``).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> q = psgd.lra(rank=2).init({"w": jnp.zeros(6)}).preconditioner[0]
+    >>> q.d.shape, q.u.shape, q.v.shape
+    ((1, 6), (1, 6, 2), (1, 6, 2))
+  """
 
   d: jax.Array
   u: jax.Array
@@ -54,7 +62,16 @@ class LRAState(NamedTuple):
 
 @dataclasses.dataclass(frozen=True)
 class LRAGroup:
-  """``diag(d)(I + UVᵀ)`` over a flattened leaf of ``shape``, rank ``min(rank, n) ≥ 1``."""
+  """``diag(d)(I + UVᵀ)`` over a flattened leaf of ``shape``, rank ``min(rank, n) ≥ 1``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.lra_group((6,), rank=2)
+    >>> q = group.init(2.0, jnp.float32)
+    >>> bool(jnp.allclose(group.materialize(q), 4.0 * jnp.eye(6), atol=0.1))  # U, V small
+    True
+  """
 
   shape: tuple[int, ...]
   rank: int = 10

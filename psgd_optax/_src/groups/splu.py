@@ -41,6 +41,13 @@ class SPLUState(NamedTuple):
   """``L`` and ``U`` as their diagonals and their first ``r`` columns (rows) off the
   diagonal (other entries kept at zero), and the Lipschitz estimates of their fits: unlike
   the blocks ``L₁, L₂, l₃``, no array is empty for any ``1 ≤ r ≤ n`` (Orbax refuses those).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> q = psgd.splu(order=2).init({"w": jnp.zeros(6)}).preconditioner[0]
+    >>> q.l_columns.shape, q.u_rows.shape  # the first 2 columns of L, rows of U
+    ((1, 6, 2), (1, 2, 6))
   """
 
   l_diagonal: jax.Array  # n
@@ -82,7 +89,16 @@ def _line_curvature(moved_fit, moved_probe, probe, twice_moved_probe, direction_
 
 @dataclasses.dataclass(frozen=True)
 class SPLUGroup:
-  """``Q = LU`` of order ``min(order, n)`` over a flattened leaf of ``shape``."""
+  """``Q = LU`` of order ``min(order, n)`` over a flattened leaf of ``shape``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.splu_group((6,), order=2)
+    >>> q = group.init(2.0, jnp.float32)
+    >>> bool(jnp.allclose(group.materialize(q), 4.0 * jnp.eye(6)))
+    True
+  """
 
   shape: tuple[int, ...]
   order: int = 10

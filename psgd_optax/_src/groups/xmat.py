@@ -40,7 +40,15 @@ PERMUTATIONS = ("flip", "half_swap")
 
 class XState(NamedTuple):
   """X-shape ``Q = diag(a) + diag(b)·J`` (``J`` reverses the leaf): its diagonal ``a``,
-  its anti-diagonal ``b`` and the Lipschitz estimate of its fit."""
+  its anti-diagonal ``b`` and the Lipschitz estimate of its fit.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> q = psgd.xmat().init({"w": jnp.zeros(5)}).preconditioner[0]
+    >>> q.diagonal.shape, q.anti_diagonal.shape
+    ((1, 5), (1, 5))
+  """
 
   diagonal: jax.Array
   anti_diagonal: jax.Array
@@ -53,6 +61,13 @@ class ButterflyState(NamedTuple):
 
   Field names of its own, so that an X-shape checkpoint (same shapes, another coupling)
   is not restored as a butterfly one (Orbax refuses a target whose field it does not hold).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> q = psgd.butterfly().init({"w": jnp.zeros(6)}).preconditioner[0]
+    >>> q.diagonal.shape, q.half_swap.shape
+    ((1, 6), (1, 6))
   """
 
   diagonal: jax.Array
@@ -71,6 +86,14 @@ class InvolutionGroup:
 
   Its state is an :class:`XState` or a :class:`ButterflyState`, read by position here:
   ``q[0] = a``, ``q[1] = b``, ``q[2]`` the Lipschitz estimate.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> import psgd_optax as psgd
+    >>> group = psgd.xmat_group((5,))
+    >>> q = group.init(2.0, jnp.float32)
+    >>> bool(jnp.allclose(group.materialize(q), 4.0 * jnp.eye(5)))
+    True
   """
 
   shape: tuple[int, ...]
