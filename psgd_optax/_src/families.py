@@ -36,8 +36,8 @@ ENGINE_PARAMETERS = [parameter for name, parameter
 
 _DOCS = {
     "{geometry_args}": """    geometry: how ``Q`` moves: ``"q0.5eq1.5"`` (default, inverse-free, ``Q`` kept SPD),
-      ``"eq"`` (the papers' triangular rule) or ``"quad"``; see
-      :mod:`psgd_optax._src.groups.geometry`.""",
+      ``"eq"`` (the papers' triangular rule) or ``"quad"``; their update rules are on
+      the documentation's *Families and options* page.""",
     # The affine families' layout note, Args and Returns (expanded before the next entry).
     "{affine_layout_args_and_returns}": affine_lib.AFFINE_LAYOUT_DOC
                                         + "\n\n  Args:\n{shared_args_and_returns}",
@@ -227,8 +227,8 @@ def lra(*, rank: int = 10, lipschitz_decay: float = 0.9,
     P = (I + VU^\top)\,\mathrm{diag}(d)^2\,(I + UV^\top), \qquad
     U, V \in \mathbb{R}^{n \times r},
 
-  fitted on the diagonal group and on the groups :math:`A_V(U)` and :math:`A_U(V)` (see
-  :mod:`psgd_optax._src.groups.lra`). Memory ``(2r + 1)n`` and ``O(rn)`` work per fit,
+  fitted on the diagonal group and on the groups :math:`A_V(U)` and :math:`A_U(V)` (the
+  steps are on the documentation's *Families and options* page). Memory ``(2r + 1)n`` and ``O(rn)`` work per fit,
   so it suits large leaves and whole models: ``optax.flatten(psgd.lra(rank=10))``.
 
   Args:
@@ -330,7 +330,8 @@ def splu(*, order: int = 10, lipschitz_decay: float = 0.9,
     L \leftarrow L - \frac{\mu}{L_L}\,\Pi_L\big[aa^\top - bb^\top\big] L,\quad
     U \leftarrow U - \frac{\mu}{L_U}\,U\,\Pi_U\big[(Ph)h^\top - v(P^{-1}v)^\top\big],
 
-  with ``a = Qh``, ``b = Q⁻ᵀv`` (see :mod:`psgd_optax._src.groups.splu`).
+  with ``a = Qh``, ``b = Q⁻ᵀv`` (the documentation's *Families and options* page has the
+  steps).
 
   Args:
     order: ``r ≥ 1`` (capped at the leaf size); the paper used 10.
