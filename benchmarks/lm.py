@@ -222,20 +222,19 @@ def cached_run(config, name, peak, seed, data, args):
     os.makedirs(args.runs_dir, exist_ok=True)
     path = os.path.join(args.runs_dir, f"{name}_lr{peak:g}_seed{seed}_steps{config.steps}"
                         f"_batch{config.batch}_eval{config.eval_every}.json")
-    if os.path.exists(path):
-      with open(path) as f:
-        result = json.load(f)
-      print(f"  {name:<12} lr {peak:<8.3g} seed {seed}: final valid "
-            f"{result['valid'][-1]:.4f} (kept, commit {result.get('commit', '?')})", flush=True)
-      return result
-  result = gpt.train_run(config, name, peak, seed, data, make_run)
-  print(f"  {name:<12} lr {peak:<8.3g} seed {seed}: final valid "
-        f"{result['valid'][-1]:.4f}", flush=True)
-  if path:
-    result["commit"] = current_commit()
-    with open(path + ".partial", "w") as f:
-      json.dump(result, f)
-    os.replace(path + ".partial", path)
+  kept = path is not None and os.path.exists(path)
+  if kept:
+    with open(path) as f:
+      result = json.load(f)
+  else:
+    result = gpt.train_run(config, name, peak, seed, data, make_run)
+    if path:
+      result["commit"] = current_commit()
+      with open(path + ".partial", "w") as f:
+        json.dump(result, f)
+      os.replace(path + ".partial", path)
+  print(f"  {name:<12} lr {peak:<8.3g} seed {seed}: final valid {result['valid'][-1]:.4f}"
+        + (f" (kept, commit {result.get('commit', '?')})" if kept else ""), flush=True)
   return result
 
 

@@ -8,8 +8,9 @@ Paper 000 §7.1 reaches f < 1e-10 in about 200 iterations. Each run is
 step, unit step size), with the paper's clipping of the preconditioned gradient at norm 1 and
 without it; only the probe seed changes between runs, no per-seed tuning. ``lipschitz_decay``
 0 normalizes each fit step by its own bound, as paper 000 does; the default 0.9 by a decaying
-maximum of past bounds. Prints, per geometry, ``precond_lr``, decay and clipping: the median, best and worst iterations over the seeds
-(``-``: not reached in ``--steps``) and how many seeds reached the tolerance.
+maximum of past bounds. Prints, per geometry, ``precond_lr``, decay and clipping: the median,
+best and worst iterations over the seeds (``-``: not reached in ``--steps``) and how many
+seeds reached the tolerance.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ def main(argv=None):
     print(f"{geometry:<11}{precond_lr:>11g}{decay:>7g}{'yes' if clip else 'no':>6}"
           f"{show(median):>8}{show(padded.min()):>6}{show(padded.max()):>7}"
           f"{len(reached):>6}/{args.seeds}", flush=True)
+
 
 if __name__ == "__main__":
   main()

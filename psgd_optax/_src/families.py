@@ -228,8 +228,9 @@ def lra(*, rank: int = 10, lipschitz_decay: float = 0.9,
     U, V \in \mathbb{R}^{n \times r},
 
   fitted on the diagonal group and on the groups :math:`A_V(U)` and :math:`A_U(V)` (the
-  steps are on the documentation's *Families and options* page). Memory ``(2r + 1)n`` and ``O(rn)`` work per fit,
-  so it suits large leaves and whole models: ``optax.flatten(psgd.lra(rank=10))``.
+  steps are on the documentation's *Families and options* page). Memory ``(2r + 1)n`` and
+  ``O(rn)`` work per fit, so it suits large leaves and whole models:
+  ``optax.flatten(psgd.lra(rank=10))``.
 
   Args:
     rank: ``r ≥ 1``, the number of columns of ``U`` and ``V`` (capped at the leaf size).
