@@ -1,17 +1,21 @@
 """Where a step's compile time goes: its XLA kernels counted by the source line that made them.
 
-    python benchmarks/compile_kernels.py                    # kron and AdamW on examples/gpt.py
+    python benchmarks/compile_kernels.py                    # sgd (the model), AdamW and kron
     python benchmarks/compile_kernels.py --optimizers kron --top 40
 
-XLA:CPU's compile time follows the number of kernels it generates code for (on the example
-GPT about 7 ms each on 2 cores), so counting them by origin says what to cut. The compiled
+XLA:CPU's compile time follows the number of distinct kernels it generates code for (on the
+example GPT about 13 ms each on 2 cores; it reuses one kernel for identical computations, and
+its log says which), so counting them by origin says what to cut. The compiled
 step's HLO text carries, per instruction, a stack frame id; its ``FileNames``,
 ``FunctionNames``, ``FileLocations`` and ``StackFrames`` tables map that to a Python call
 stack. Each kernel (every instruction of a non-fused computation but parameters, constants,
 tuples, bitcasts and copies) is attributed to its innermost psgd_optax or optax frame, else
 to its innermost frame; instructions with no frame (XLA:CPU's halves of a split reduction,
 ``reduce-window``) count as ``(no frame)``. ``fit`` is the part inside the fit's
-``lax.cond`` branch. Prints, per optimizer: the total, the fit's share and the top origins.
+``lax.cond`` branch. Prints, per optimizer: the compile's phases (tracing, lowering to
+StableHLO, XLA; each in a fresh process, ``--repeats`` times in interleaved rounds, the
+median), the kernels (total, distinct, the fit's share) and the top origins. ``sgd``
+(``optax.sgd``) is the model's own compile: an optimizer's cost is what it adds to it.
 """
 
 from __future__ import annotations
@@ -24,14 +28,20 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 
+# XLA's own log of the step's compile (which kernels it reuses), read from the child's stderr.
+_XLA_LOG = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0",
+                TF_CPP_VMODULE="cpu_compiler=1,thunk_emitter=1")
 _SKIPPED = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "copy"}
 
 
 def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-  parser.add_argument("--optimizers", nargs="+", default=["kron", "adamw"],
-                      help="examples/gpt.py's optimizer names")
+  parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw", "kron"],
+                      help="examples/gpt.py's optimizer names, or sgd (the model alone)")
+  parser.add_argument("--repeats", type=int, default=3,
+                      help="fresh-process compiles per optimizer, in interleaved rounds")
+  parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
   parser.add_argument("--top", type=int, default=20, help="origins listed per optimizer")
   return parser.parse_args(argv)
@@ -88,21 +98,72 @@ def kernel_origins(hlo_text: str):
   return origins, per_computation, entry
 
 
-def main(argv=None):
-  args = parse_args(argv)
+def measure_one(name, args):
+  """``--one NAME``: in this fresh process, the step's compile phases and kernel counts (and
+  the origins), as one JSON line."""
+  import json
+  import time
+  import jax
+  import jax.numpy as jnp
+  import optax
   import gpt
+  jax.jit(lambda x: x + 1).lower(jnp.ones(2)).compile()  # XLA's one-time start-up
   config = gpt.parse_args(["--batch", str(args.batch), "--no-progress", "--no-plot"])
   data = gpt.split_text(gpt.load_text())
-  for name in args.optimizers:
-    run = gpt.Run(config, name, gpt.LEARNING_RATES[name], 0, *data)
-    origins, per_computation, entry = kernel_origins(run.step.as_text())
-    # The fit's branch: the largest computation other than the entry.
-    branches = [c for c in per_computation if c != entry]
-    fit = max(branches, key=per_computation.get) if branches else None
-    total = sum(per_computation.values())
-    print(f"\n{name}: {total} kernels, compile {run.compile_seconds:.2f} s"
-          + (f"; the fit's branch {per_computation[fit]}" if fit and name != "adamw" else ""))
-    for where, count in origins.most_common(args.top):
+  run = gpt.Run(config, name, 0.1 if name == "sgd" else gpt.LEARNING_RATES[name], 0, *data,
+                tx=optax.sgd(0.1) if name == "sgd" else None, compile_first=False)
+  start = time.perf_counter()
+  traced = run.jitted.trace(*run.first_args)
+  traced_at = time.perf_counter()
+  lowered = traced.lower()
+  lowered_at = time.perf_counter()
+  text = lowered.compile().as_text()
+  done = time.perf_counter()
+  origins, per_computation, entry = kernel_origins(text)
+  # The fit's branch: the largest computation other than the entry.
+  branches = [c for c in per_computation if c != entry]
+  print(json.dumps({
+      "phases": [traced_at - start, lowered_at - traced_at, done - lowered_at],
+      "kernels": sum(per_computation.values()),
+      "fit": per_computation[max(branches, key=per_computation.get)] if branches else 0,
+      "origins": origins.most_common(args.top)}))
+
+
+def main(argv=None):
+  args = parse_args(argv)
+  if args.one:
+    return measure_one(args.one, args)
+  import json
+  import subprocess
+  import numpy as np
+  results = {name: [] for name in args.optimizers}
+  for _ in range(args.repeats):  # interleaved rounds: load on the machine hits all alike
+    for name in args.optimizers:
+      done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", name,
+                             "--batch", str(args.batch), "--top", str(args.top)],
+                            capture_output=True, text=True, check=True, env=_XLA_LOG)
+      result = json.loads(done.stdout.strip().splitlines()[-1])
+      # XLA:CPU logs each kernel it reuses for an identical one instead of generating code.
+      step_log = done.stderr[done.stderr.rfind("Compiling: jit_step"):]
+      result["distinct"] = result["kernels"] - step_log.count("Reusing kernel")
+      results[name].append(result)
+  print(f"byte GPT of examples/gpt.py, batch {args.batch}; each step's first compile in a "
+        f"fresh process, median of {args.repeats} (s); kernels: what XLA:CPU runs, distinct: "
+        "after it reuses one kernel for identical ones")
+  print(f"{'optimizer':<12}{'trace':>7}{'lower':>7}{'XLA':>7}{'total':>7}{'over sgd':>9}"
+        f"{'kernels':>9}{'distinct':>9}{'in fit':>8}")
+  medians = {name: np.median([r["phases"] for r in runs], axis=0)
+             for name, runs in results.items()}
+  model = medians["sgd"].sum() if "sgd" in medians else None
+  for name, runs in results.items():
+    trace, lower, xla = medians[name]
+    over = "" if model is None else f"{trace + lower + xla - model:.2f}"
+    last = runs[-1]
+    print(f"{name:<12}{trace:>7.2f}{lower:>7.2f}{xla:>7.2f}{trace + lower + xla:>7.2f}"
+          f"{over:>9}{last['kernels']:>9}{last['distinct']:>9}{last['fit'] or '':>8}")
+  for name, runs in results.items():
+    print(f"\n{name}: kernels by origin")
+    for where, count in runs[-1]["origins"]:
       print(f"  {count:5d}  {where}")
 
 
