@@ -56,6 +56,8 @@ def variants():
       "lra_newton": (ready(psgd.lra(rank=10, **newton), 0.1), True),
       "lra_paper": (paper(lambda step: psgd.lra(rank=5, precond_lr=step,
                                                 update_probability=1.0, **newton)), True),
+      # LRA's diagonal part alone (rank 0): what the low-rank part adds.
+      "diag": (ready(psgd.diag(geometry="eq"), 1e-2), False),
       "xmat": (ready(psgd.xmat(), 1e-2), False),
       "xmat_lr3e-2": (ready(psgd.xmat(), 3e-2), False),
       "xmat_precond_lr0.1": (ready(psgd.xmat(precond_lr=0.1), 1e-2), False),
