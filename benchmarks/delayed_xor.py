@@ -4,7 +4,8 @@ Each sequence has random ±1 values in channel 0 and two markers in channel 1, o
 first 10% of the sequence and one in 10–50%; the target is the XOR of the two marked
 values. A tanh RNN with 30 hidden units reads the sequence; loss is the logistic loss of
 its final output, batch 128, fresh data every step. Success: loss < 0.1 (smoothed over 100
-steps) within the step budget.
+steps) within the step budget; the authors' demos' looser criterion (the first batch whose own
+loss is below 0.1) is printed beside it.
 
 Methods: ``psgd.lra(rank=10)`` (whole model, ``optax.flatten``) and ``psgd.kron`` (Newton
 type, HVPs from ``value_fn`` on fitting steps, update probability 0.1) with the papers'
@@ -74,17 +75,23 @@ def _job(args):
         f"{sum(count is not None for count in steps)}/{len(seeds)}: "
         f"{' '.join(str(count or '-') for count in steps)}", flush=True)
   began = time.perf_counter()
-  steps, _ = _rnn_tasks.train_seeds(
+  steps, curve, batch_steps = _rnn_tasks.train_seeds(
       tx, value_fn_layout, _rnn_tasks.delayed_xor(length), seeds, max_steps, progress=progress,
       checkpoint=_checkpoint_path(checkpoint_dir, name, length, seeds))
-  return steps, time.perf_counter() - began
+  return steps, time.perf_counter() - began, batch_steps, curve[-1]
 
 
-def _row(length, name, steps, seconds):
+def _row(length, name, steps, seconds, batch_steps, final_losses):
   wins = [count for count in steps if count is not None]
   median_text = f"{np.median(wins):.0f}" if wins else "-"
   print(f"{length:>6} | {name:<28} | {len(wins):>3}/{len(steps):<3} | {median_text:>12} |"
         f" {seconds:>8.0f} | {' '.join(str(count or '-') for count in steps)}", flush=True)
+  # The authors' demos' criterion (one batch's loss < 0.1, counted up to where this run
+  # stopped: the budget, or the last seed's success by ours) and where the seeds ended.
+  batch_wins = sum(count is not None for count in batch_steps)
+  print(f"{'':>6}   one batch < 0.1 (the demos' criterion): {batch_wins}/{len(steps)}, steps"
+        f" {' '.join(str(count or '-') for count in batch_steps)}; final smoothed loss"
+        f" {' '.join(f'{loss:.3g}' for loss in final_losses)}", flush=True)
   return len(wins), -(np.median(wins) if wins else np.inf)
 
 
@@ -124,9 +131,9 @@ def main():
         jobs += [(f"adam lr={lr:g}", lr, length, seeds, args.max_steps, args.log_seeds,
                   args.checkpoint_dir) for lr in adam_lrs]
       adam_ranks = {}
-      for index, (steps, seconds) in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
+      for index, result in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
         name, adam_lr = jobs[index][:2]
-        rank = _row(length, name, steps, seconds)
+        rank = _row(length, name, *result)
         if name.startswith("adam"):
           adam_ranks[adam_lr] = rank
       if len(adam_ranks) > 1:

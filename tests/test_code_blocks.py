@@ -18,7 +18,8 @@ DOC_PAGES = sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 # Runs the blocks of the file argv[1] in order; names the block that fails.
 RUNNER = r'''
 import os, re, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                            "--xla_force_host_platform_device_count=8"]))
 path = sys.argv[1]
 blocks = re.findall(r"```python\n(.*?)```", open(path).read(), flags=re.S)
 namespace = {"__name__": "docs"}

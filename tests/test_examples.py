@@ -75,9 +75,9 @@ def test_rnn_trainer_resumed_from_a_checkpoint_is_the_uninterrupted_run(tmp_path
   # Whitening diag (no HVP through the RNN's scan) keeps the compile short.
   tx, layout = optax.chain(psgd.diag(update_probability=0.5), optax.scale(-0.01)), None
   task, seeds, path = _rnn_tasks.delayed_xor(4), (0, 1), str(tmp_path / "run.npz")
-  _, uninterrupted = _rnn_tasks.train_seeds(tx, layout, task, seeds, 150, chunk=50)
+  _, uninterrupted, _ = _rnn_tasks.train_seeds(tx, layout, task, seeds, 150, chunk=50)
   _rnn_tasks.train_seeds(tx, layout, task, seeds, 100, chunk=50, checkpoint=path)
-  _, resumed = _rnn_tasks.train_seeds(tx, layout, task, seeds, 150, chunk=50, checkpoint=path)
+  _, resumed, _ = _rnn_tasks.train_seeds(tx, layout, task, seeds, 150, chunk=50, checkpoint=path)
   assert resumed.shape == (3, 2)
   np.testing.assert_array_equal(resumed, uninterrupted)
   other_seeds = pytest.raises(ValueError, match="different setup")

@@ -351,7 +351,20 @@ def _run(tx, params=PARAMS, steps=4):
   return outputs, state
 
 
-@pytest.mark.parametrize("name", FACTORIES)
+# The shared contract (test_contract.py, test_optax_contract.py) runs these checks on fop,
+# snr and both hypergradients at their defaults; here by default only the low-rank,
+# normalized FOP, which that list does not hold. Every entry runs with -m slow.
+SHARED = ("fop", "scalar_hd", "per_parameter_hd", "snr")
+
+
+def _slow_if_shared(name, *rest):
+  values = (name, *rest)
+  if name in SHARED:
+    return pytest.param(*values, marks=pytest.mark.slow)
+  return values if rest else name
+
+
+@pytest.mark.parametrize("name", [_slow_if_shared(name) for name in FACTORIES])
 def test_contract_extra_args_dtypes_shapes_and_abstract_init(name):
   tx = FACTORIES[name]()
   # Unknown keyword extra args are accepted and do not retrace.
@@ -416,8 +429,8 @@ def test_learning_rate_schedule_enters_the_hypergradient_of_the_step_it_made():
   assert not np.allclose(before["w"], state.preconditioner["w"])
 
 
-@pytest.mark.parametrize("name,bad", [(name, np.nan) for name in FACTORIES]
-                         + [("fop", np.inf), ("snr", np.inf)])
+@pytest.mark.parametrize("name,bad", [_slow_if_shared(name, np.nan) for name in FACTORIES]
+                         + [_slow_if_shared("fop", np.inf), _slow_if_shared("snr", np.inf)])
 def test_non_finite_gradients_leave_the_state_safe(name, bad):
   tx = FACTORIES[name]()
   outputs, state = _run(tx)

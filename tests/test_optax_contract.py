@@ -49,8 +49,10 @@ def _run(tx, curvature, steps=3, params=PARAMS):
 
 @pytest.mark.parametrize("name,curvature", [
     *[pytest.param(name, "whitening", marks=_slow_unless(name in SAMPLE)) for name in FACTORIES],
-    ("kron", "newton"), ("kron", "finite_difference"), ("kron", "secant"),
-    ("optimizers.diag", "finite_difference"), ("lra", "secant")])
+    ("kron", "newton"), ("kron", "finite_difference"),
+    pytest.param("kron", "secant", marks=pytest.mark.slow),
+    ("optimizers.diag", "finite_difference"),
+    pytest.param("lra", "secant", marks=pytest.mark.slow)])
 def test_unknown_extra_args_are_accepted_without_recompiling(name, curvature):
   tx = FACTORIES[name](**FACTORIES[name].engine_options(curvature, update_probability=1.0))
   state = tx.init(PARAMS)
@@ -100,7 +102,9 @@ def test_inject_hyperparams_gives_identical_updates(factory, kwargs):
     *[pytest.param(name, jnp.bfloat16,
                    marks=_slow_unless(name in SAMPLE + ("diag", "xmat", "splu", "scan")))
       for name in FACTORIES],
-    ("kron", jnp.float32), ("optimizers.kron", jnp.float32)])
+    # float32 params are every other test's params: checked again with -m slow.
+    pytest.param("kron", jnp.float32, marks=pytest.mark.slow),
+    pytest.param("optimizers.kron", jnp.float32, marks=pytest.mark.slow)])
 def test_updates_keep_param_dtype_and_state_stays_float32(name, dtype):
   params = jax.tree.map(lambda p: p.astype(dtype), PARAMS)
   tx = FACTORIES[name](**FACTORIES[name].engine_options("newton", update_probability=1.0))
