@@ -8,5 +8,3 @@ import os
 _TIMEOUT = "--xla_cpu_collective_call_terminate_timeout_seconds=900"
 if _TIMEOUT not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"), _TIMEOUT]))
-
-

@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import psgd_optax as psgd
+from _factories import sampled
 
 BOOTH = lambda p: (p[0] + 2 * p[1] - 7) ** 2 + (2 * p[0] + p[1] - 5) ** 2
 HIMMELBLAU = lambda p: (p[0] ** 2 + p[1] - 11) ** 2 + (p[0] + p[1] ** 2 - 7) ** 2
@@ -354,17 +355,10 @@ def _run(tx, params=PARAMS, steps=4):
 # The shared contract (test_contract.py, test_optax_contract.py) runs these checks on fop,
 # snr and both hypergradients at their defaults; here by default only the low-rank,
 # normalized FOP, which that list does not hold. Every entry runs with -m slow.
-SHARED = ("fop", "scalar_hd", "per_parameter_hd", "snr")
+NOT_SHARED = ("fop_low_rank",)
 
 
-def _slow_if_shared(name, *rest):
-  values = (name, *rest)
-  if name in SHARED:
-    return pytest.param(*values, marks=pytest.mark.slow)
-  return values if rest else name
-
-
-@pytest.mark.parametrize("name", [_slow_if_shared(name) for name in FACTORIES])
+@pytest.mark.parametrize("name", sampled(FACTORIES, NOT_SHARED))
 def test_contract_extra_args_dtypes_shapes_and_abstract_init(name):
   tx = FACTORIES[name]()
   # Unknown keyword extra args are accepted and do not retrace.
@@ -429,8 +423,9 @@ def test_learning_rate_schedule_enters_the_hypergradient_of_the_step_it_made():
   assert not np.allclose(before["w"], state.preconditioner["w"])
 
 
-@pytest.mark.parametrize("name,bad", [_slow_if_shared(name, np.nan) for name in FACTORIES]
-                         + [_slow_if_shared("fop", np.inf), _slow_if_shared("snr", np.inf)])
+@pytest.mark.parametrize("name,bad", [
+    pytest.param(name, bad, marks=() if name in NOT_SHARED else pytest.mark.slow)
+    for name, bad in [(name, np.nan) for name in FACTORIES] + [("fop", np.inf), ("snr", np.inf)]])
 def test_non_finite_gradients_leave_the_state_safe(name, bad):
   tx = FACTORIES[name]()
   outputs, state = _run(tx)
