@@ -69,6 +69,9 @@ def parse_args(argv=None):
   parser.add_argument("--runs-dir", default=None,
                       help="keep each training run's curves here and reuse them: the protocol "
                       "resumes across processes, and a later call adds the timing to them")
+  parser.add_argument("--kept-only", action="store_true",
+                      help="train nothing: the table from the runs kept in --runs-dir, an "
+                      "optimizer whose sweep or seeds are not all there listed as incomplete")
   parser.add_argument("--json", default=None, help="write the results here")
   parser.add_argument("--plot", default=None,
                       help="save the table's rows' validation curves (mean over seeds) here")
@@ -225,6 +228,8 @@ def cached_run(config, name, peak, seed, data, args):
     path = os.path.join(args.runs_dir, f"{name}_lr{peak:g}_seed{seed}_steps{config.steps}"
                         f"_batch{config.batch}_eval{config.eval_every}.json")
   kept = path is not None and os.path.exists(path)
+  if not kept and args.kept_only:
+    return None
   if kept:
     with open(path) as f:
       result = json.load(f)
@@ -249,13 +254,17 @@ def current_commit():
 
 def sweep_and_seeds(config, names, data, args):
   """Each optimizer in turn: its grid on the first seed, then the other seeds at its best
-  rate (kron also at its default rate, where that is not the best)."""
+  rate (kron also at its default rate, where that is not the best). With ``--kept-only``
+  an optimizer whose sweep misses a run has no ``best``, and a missing seed no curve."""
   curves, finals, best = {}, {}, {}
   for name in names:
     for peak in GRIDS[name]:
       result = cached_run(config, name, peak, args.seeds[0], data, args)
-      finals[(name, peak)] = result["valid"][-1]
-      curves[(name, peak, args.seeds[0])] = result
+      if result is not None:
+        finals[(name, peak)] = result["valid"][-1]
+        curves[(name, peak, args.seeds[0])] = result
+    if any((name, peak) not in finals for peak in GRIDS[name]):
+      continue
     best[name] = min(GRIDS[name], key=lambda p, n=name: finals[(n, p)])
     rates = {best[name]}
     if name == "kron":
@@ -263,7 +272,9 @@ def sweep_and_seeds(config, names, data, args):
     for peak in sorted(rates):
       for seed in args.seeds:
         if (name, peak, seed) not in curves:
-          curves[(name, peak, seed)] = cached_run(config, name, peak, seed, data, args)
+          result = cached_run(config, name, peak, seed, data, args)
+          if result is not None:
+            curves[(name, peak, seed)] = result
   return curves, finals, best
 
 
@@ -344,16 +355,26 @@ def protocol(config, names, data, times, args):
   """Sweep and seeds, then the table: each optimizer at its best rate (and kron at its
   default rate), mean over seeds, against AdamW's final validation loss."""
   curves, finals, best = sweep_and_seeds(config, names, data, args)
-  rows = [(name, best[name]) for name in names]
-  if "kron" in names and best["kron"] != gpt.default_kron_rate():
-    rows.insert(names.index("kron") + 1, ("kron", gpt.default_kron_rate()))
+  rows = [(name, best[name]) for name in names if name in best]
+  if "kron" in best and best["kron"] != gpt.default_kron_rate():
+    rows.insert(rows.index(("kron", best["kron"])) + 1, ("kron", gpt.default_kron_rate()))
+  complete = lambda row: all((*row, seed) in curves for seed in args.seeds)
+  missing = [f"{name}@{peak:g}" for name, peak in rows if not complete((name, peak))]
+  missing += [f"{name} (sweep)" for name in names if name not in best]
+  rows = [row for row in rows if complete(row)]
+  if ("adamw", best.get("adamw")) not in rows:
+    raise SystemExit("AdamW's runs are incomplete: its final loss is every row's target")
   per_row = {f"{name}@{peak:g}": [curves[(name, peak, s)] for s in args.seeds]
              for name, peak in rows}
   target = gpt.summarize({"adamw": per_row[f"adamw@{best['adamw']:g}"]}, 0.0)["adamw"][0]
   summary = gpt.summarize(per_row, target)
-  print(f"\nsweep (seed {args.seeds[0]}, final valid):")
+  print(f"\nsweep (seed {args.seeds[0]}, final valid; - not run yet):")
   for name in names:
-    print(f"  {name:<12}" + "  ".join(f"{p:g}: {finals[(name, p)]:.4f}" for p in GRIDS[name]))
+    print(f"  {name:<12}" + "  ".join(
+        f"{p:g}: " + (f"{finals[(name, p)]:.4f}" if (name, p) in finals else "-")
+        for p in GRIDS[name]))
+  if missing:
+    print(f"not in the table (runs missing from {args.runs_dir}): {', '.join(missing)}")
   print(f"\nmean of seeds {args.seeds}; target {target:.4f} (AdamW's final at its best rate)")
   print(f"{'optimizer':<15}{'lr':>7}{'final':>9}{'steps to':>10}{'vs AdamW':>10}"
         f"{'s to':>8}{'vs AdamW':>10}")
