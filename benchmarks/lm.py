@@ -343,7 +343,7 @@ def save_plot(per_row, times, target, path):
   axes[0].set_ylabel("validation loss (nats/byte)")
   axes[0].set_ylim(top=min(2.5, float(axes[0].get_ylim()[1])))
   axes[0].legend(fontsize=8)
-  fig.suptitle("byte-level GPT: each optimizer at its best peak rate, mean of seeds "
+  fig.suptitle("byte-level GPT: the table's rows (name@peak rate), mean of seeds "
                "(dotted: AdamW's final)")
   fig.tight_layout()
   fig.savefig(path, dpi=120)
