@@ -12,7 +12,7 @@ modules (about 1.4 MB of bytes); the last 10 % is held out for validation.
 
 Every optimizer gets the same warmup + cosine schedule around its own peak learning rate
 (``--learning-rate`` sets one for all, for sweeps). The Newton type fits ``Q`` to
-Hessian-vector products of the batch loss (``value_fn``), so its learning rate is O(0.1), and
+Hessian-vector products of the batch loss (``value_fn``), so its learning rate is O(1), and
 its weight decay is scaled down to give the same shrink per step as kron's.
 Prints a results table — final validation loss (nats per byte), steps and seconds (compile
 included) to reach AdamW's final validation loss, the first step's compile time — and saves
@@ -30,7 +30,7 @@ import sysconfig
 import time
 
 # Peak learning rates: each optimizer's best of the sweep in benchmarks/lm.py (BENCHMARKS.md).
-LEARNING_RATES = {"kron": None, "kron_newton": 0.3, "adamw": 3e-3, "muon": 0.05}
+LEARNING_RATES = {"kron": None, "kron_newton": 1.0, "adamw": 3e-3, "muon": 0.05}
 # Muon's Adam for the parameters that are not matrices (biases, norms); not swept.
 MUON_ADAM_RATE = 1e-3
 OPTIMIZERS = tuple(LEARNING_RATES)
