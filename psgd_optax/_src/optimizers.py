@@ -40,9 +40,10 @@ _ARGS_DOC = """    learning_rate: step size (float or schedule of the step count
       a digits CNN and on a byte-level GPT (``benchmarks/lm.py``, BENCHMARKS.md), where
       AdamW's best were 3e-2 and 1e-3: sweep around 1e-2 rather than from AdamW's rate.
     momentum: EMA coefficient ``β`` of the preconditioned direction (0 disables).
-    weight_decay: decoupled weight decay (``θ ← θ − lr·wd·θ``): a shrink of ``lr·wd`` a
-      step. With ``curvature="newton"`` the learning rate is 10-100× the whitening type's
-      and the direction a Newton step, so divide ``wd`` by as much (e.g. ``1e-3 / lr``).
+    weight_decay: decoupled weight decay (``θ ← θ − lr·wd·θ``). Its pull against the step
+      ``lr·m̂`` does not depend on ``lr``: for the whitened direction (RMS about 1) AdamW's
+      values fit; a Newton-type direction is far smaller (RMS about 1e-3 on a small GPT),
+      so ``curvature="newton"`` needs ``wd`` about 1e-3 or less.
     mask: pytree of booleans (or a callable of the params) selecting the leaves to decay.
     max_update_rms: clip each leaf's update to this RMS before the step size
       (``optax.clip_by_block_rms``; ``None`` disables). The whitened direction has RMS
