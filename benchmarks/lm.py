@@ -377,7 +377,7 @@ def protocol(config, names, data, times, args):
     print(f"not in the table (runs missing from {args.runs_dir}): {', '.join(missing)}")
   print(f"\nmean of seeds {args.seeds}; target {target:.4f} (AdamW's final at its best rate)")
   print(f"{'optimizer':<15}{'lr':>7}{'final':>9}{'steps to':>10}{'vs AdamW':>10}"
-        f"{'s to':>8}{'vs AdamW':>10}")
+        f"{'s to':>8}{'vs AdamW':>10}  final of each seed")
   report, adamw_steps, adamw_seconds = {}, None, None
   ratio = lambda x, y: "-" if x is None or not y else f"{x / y:.2f}"
   for name, peak in rows:
@@ -387,9 +387,10 @@ def protocol(config, names, data, times, args):
     if name == "adamw":
       adamw_steps, adamw_seconds = steps, seconds
     label = name + (" (default)" if name == "kron" and peak == gpt.default_kron_rate() else "")
-    print(f"{label:<15}{peak:>7.3g}{final:>9.4f}{gpt.cell(steps, 10, '.0f')}"
+    each = [run["valid"][-1] for run in per_row[key]]
+    print(f"{label:<15}{peak:>7.3g}{final:>9.4g}{gpt.cell(steps, 10, '.0f')}"
           f"{ratio(steps, adamw_steps):>10}{gpt.cell(seconds, 8, '.0f')}"
-          f"{ratio(seconds, adamw_seconds):>10}")
+          f"{ratio(seconds, adamw_seconds):>10}  " + " ".join(f"{v:.4g}" for v in each))
     report[key] = {"lr": peak, "best": peak == best[name], "final": final,
                    "finals": [run["valid"][-1] for run in per_row[key]],
                    "steps_to_target": steps, "seconds_to_target": seconds}
