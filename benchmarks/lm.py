@@ -341,7 +341,11 @@ def save_plot(per_row, times, target, path):
   axes[0].set_xlabel("step")
   axes[1].set_xlabel("seconds at the measured step times (compile included)")
   axes[0].set_ylabel("validation loss (nats/byte)")
-  axes[0].set_ylim(top=min(2.5, float(axes[0].get_ylim()[1])))
+  # From just below the lowest curve to 2.5: the early steps, and a diverged seed's mean,
+  # would squash the rest.
+  lowest = min(float(np.min(np.mean([run["valid"] for run in runs], axis=0)))
+               for runs in per_row.values())
+  axes[0].set_ylim(lowest - 0.05, 2.5)
   axes[0].legend(fontsize=8)
   fig.suptitle("byte-level GPT: the table's rows (name@peak rate), mean of seeds "
                "(dotted: AdamW's final)")
