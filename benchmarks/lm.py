@@ -396,7 +396,7 @@ def protocol(config, names, data, times, args):
           f"{ratio(steps, adamw_steps):>10}{gpt.cell(seconds, 8, '.0f')}"
           f"{ratio(seconds, adamw_seconds):>10}  " + " ".join(f"{v:.4g}" for v in each))
     report[key] = {"lr": peak, "best": peak == best[name], "final": final,
-                   "finals": [run["valid"][-1] for run in per_row[key]],
+                   "finals": each,
                    "steps_to_target": steps, "seconds_to_target": seconds}
   if args.plot:
     save_plot(per_row, times, target, args.plot)

@@ -38,7 +38,7 @@ _ARGS_DOC = """    learning_rate: step size (float or schedule of the step count
       RMS at most ``max_update_rms`` per leaf, so this is about the RMS of each entry's
       step. The default 1e-2 was at or near the best peak rate of warmup/cosine sweeps on
       a digits CNN and on a byte-level GPT (``benchmarks/lm.py``, BENCHMARKS.md), where
-      AdamW's best were 3e-2 and 1e-3: sweep around 1e-2 rather than from AdamW's rate.
+      AdamW's best were 3e-2 and 3e-3: sweep around 1e-2 rather than from AdamW's rate.
     momentum: EMA coefficient ``β`` of the preconditioned direction (0 disables).
     weight_decay: decoupled weight decay (``θ ← θ − lr·wd·θ``). Its pull against the step
       ``lr·m̂`` does not depend on ``lr``: for the whitened direction (RMS about 1) AdamW's
