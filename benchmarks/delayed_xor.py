@@ -16,9 +16,10 @@ of a small learning-rate sweep. Adam's sweep runs at the first length; its best 
 All seeds of a method train together: ``vmap`` over the seeds inside one jitted
 ``lax.while_loop`` that stops when every seed has succeeded (each seed's run is the one it
 would have alone). The step counts stay unbatched, so PSGD's update coin stays a branch, not a
-select. Methods are spread over worker processes (one per core). Prints, per length and
+select. Methods are spread over worker processes (one per core); with fewer methods than
+workers each method's seeds are split into groups, one process each. Prints, per length and
 method, the successes over the seeds, the median steps to success, the seconds the method took
-and each seed's steps.
+(summed over its seed groups) and each seed's steps.
 
 Run:  python benchmarks/delayed_xor.py --lengths 32 64 --seeds 10 --max-steps 100000
 (add ``--checkpoint-dir DIR`` to make the runs resumable: rerunning the same command continues
@@ -30,6 +31,7 @@ budget used are recorded in BENCHMARKS.md).
 from __future__ import annotations
 
 import argparse
+import collections
 import multiprocessing
 import os
 import platform
@@ -38,16 +40,48 @@ import time
 
 import jax
 import numpy as np
+import optax
+
+import psgd_optax as psgd
 
 # The task, the RNN and the vmapped trainer live with the example (examples/_rnn_tasks.py).
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
 import _rnn_tasks  # noqa: E402
 import delayed_xor as delayed_xor_example  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _lra_authors_order import lra_authors_order  # noqa: E402
+
+
+# LRA fitted as the papers' experiments and the authors' delayed-XOR demo do, one change at a
+# time against the example's settings (update probability 0.1, precond_lr 0.1, a Lipschitz
+# estimate with memory 0.9): a fit on every step at step 0.01, each normalized on its own.
+_PAPER_FIT = dict(update_probability=1.0, precond_lr=0.01, lipschitz_decay=0.0)
+LRA_RECIPES = {
+    "paper": lambda: psgd.lra(rank=10, curvature="newton", **_PAPER_FIT),
+    # ... with the demo's initial Q = I instead of a scale set from the first pair
+    "paper_init1": lambda: psgd.lra(rank=10, curvature="newton", init_scale=1.0, **_PAPER_FIT),
+    # ... with the authors' code's factor order, Q = (I + UVᵀ)diag(d)
+    "authors_order": lambda: lra_authors_order(rank=10, curvature="newton", **_PAPER_FIT),
+}
+
 
 def methods(adam_lr):
-  """name → (optimizer, how it takes ``value_fn``): the example's methods at this Adam lr."""
-  return delayed_xor_example.methods(adam_lr)
+  """name → (optimizer, how it takes ``value_fn``): the example's methods at this Adam lr,
+  and LRA with each of ``LRA_RECIPES``."""
+  table = dict(delayed_xor_example.methods(adam_lr))
+  for recipe, make in LRA_RECIPES.items():
+    table[f"psgd.lra newton {recipe}"] = (
+        _rnn_tasks.psgd_newton(optax.flatten(make())), "flat")
+  return table
+
+
+def _selected(name, only, lra_recipes):
+  if name.startswith("psgd.lra newton "):
+    return "lra" in only and name.removeprefix("psgd.lra newton ") in lra_recipes
+  if "lra" in name:  # the example's LRA: the default recipe
+    return "lra" in only and "default" in lra_recipes
+  return any(key in name for key in only)
 
 
 def _worker_init():
@@ -62,7 +96,7 @@ def _checkpoint_path(directory, name, length, seeds):
   if directory is None:
     return None
   slug = "".join(char if char.isalnum() or char in ".=" else "_" for char in name)
-  return os.path.join(directory, f"{slug}_length{length}_seeds{len(seeds)}.npz")
+  return os.path.join(directory, f"{slug}_length{length}_seeds{'-'.join(map(str, seeds))}.npz")
 
 
 def _job(args):
@@ -84,7 +118,7 @@ def _job(args):
 def _row(length, name, steps, seconds, batch_steps, final_losses):
   wins = [count for count in steps if count is not None]
   median_text = f"{np.median(wins):.0f}" if wins else "-"
-  print(f"{length:>6} | {name:<28} | {len(wins):>3}/{len(steps):<3} | {median_text:>12} |"
+  print(f"{length:>6} | {name:<29} | {len(wins):>3}/{len(steps):<3} | {median_text:>12} |"
         f" {seconds:>8.0f} | {' '.join(str(count or '-') for count in steps)}", flush=True)
   # The authors' demos' criterion (one batch's loss < 0.1, counted up to where this run
   # stopped: the budget, or the last seed's success by ours) and where the seeds ended.
@@ -98,7 +132,14 @@ def _row(length, name, steps, seconds, batch_steps, final_losses):
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--lengths", type=int, nargs="+", default=[32, 64])
-  parser.add_argument("--seeds", type=int, default=10)
+  parser.add_argument("--seeds", type=int, default=10, help="seeds 0 … N−1")
+  parser.add_argument("--seed-list", type=int, nargs="+", default=None,
+                      help="these seeds instead of 0 … N−1")
+  parser.add_argument("--lra-recipes", nargs="+", choices=["default", *LRA_RECIPES],
+                      default=["default"],
+                      help="LRA's settings: the example's (default), the papers' fit on every "
+                      "step (paper), with Q = I at first (paper_init1), with the authors' "
+                      "factor order (authors_order)")
   parser.add_argument("--max-steps", type=int, default=20_000)
   parser.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
   parser.add_argument("--workers", type=int, default=os.cpu_count())
@@ -113,27 +154,39 @@ def main():
   args = parser.parse_args()
   if args.checkpoint_dir is not None:
     os.makedirs(args.checkpoint_dir, exist_ok=True)
+  seeds = tuple(args.seed_list) if args.seed_list else tuple(range(args.seeds))
   print(f"device: {jax.devices()[0].device_kind} ({platform.processor() or platform.machine()},"
-        f" {args.workers} worker processes), budget {args.max_steps} steps, {args.seeds} seeds;"
+        f" {args.workers} worker processes), budget {args.max_steps} steps, seeds {list(seeds)};"
         f" adam's lr is swept at length {args.lengths[0]} and its best lr reused after")
-  print(f"{'length':>6} | {'method':<28} | {'success':>7} | {'median steps':>12} |"
+  print(f"{'length':>6} | {'method':<29} | {'success':>7} | {'median steps':>12} |"
         f" {'seconds':>8} | steps of each seed", flush=True)
-  seeds = tuple(range(args.seeds))
   context = multiprocessing.get_context("spawn")
   adam_lrs = args.adam_lrs
   with context.Pool(args.workers, initializer=_worker_init) as pool:
     for length in args.lengths:
-      jobs = [(name, adam_lrs[0], length, seeds, args.max_steps, args.log_seeds,
-               args.checkpoint_dir)
-              for name in methods(adam_lrs[0])
-              if not name.startswith("adam") and any(key in name for key in args.only)]
+      runs = [(name, adam_lrs[0]) for name in methods(adam_lrs[0])
+              if not name.startswith("adam") and _selected(name, args.only, args.lra_recipes)]
       if "adam" in args.only:
-        jobs += [(f"adam lr={lr:g}", lr, length, seeds, args.max_steps, args.log_seeds,
-                  args.checkpoint_dir) for lr in adam_lrs]
+        runs += [(f"adam lr={lr:g}", lr) for lr in adam_lrs]
+      # Fewer runs than workers: each run's seeds are split into groups, one job each (a
+      # seed's run does not depend on which seeds share its vmap).
+      groups = np.array_split(np.array(seeds), max(1, min(len(seeds),
+                                                          args.workers // len(runs))))
+      jobs = [(name, adam_lr, length, tuple(int(s) for s in group), args.max_steps,
+               args.log_seeds, args.checkpoint_dir)
+              for name, adam_lr in runs for group in groups]
+      done = collections.defaultdict(dict)
       adam_ranks = {}
       for index, result in pool.imap_unordered(_indexed_job, list(enumerate(jobs))):
-        name, adam_lr = jobs[index][:2]
-        rank = _row(length, name, *result)
+        name, adam_lr, _, group = jobs[index][:4]
+        done[name][group] = result
+        if len(done[name]) < len(groups):
+          continue
+        parts = [done[name][group] for group in sorted(done[name])]
+        # Per seed in seed order; the seconds add up the groups' (the core time).
+        rank = _row(length, name, [c for p in parts for c in p[0]], sum(p[1] for p in parts),
+                    [c for p in parts for c in p[2]],
+                    np.concatenate([np.atleast_1d(p[3]) for p in parts]))
         if name.startswith("adam"):
           adam_ranks[adam_lr] = rank
       if len(adam_ranks) > 1:

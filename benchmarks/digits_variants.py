@@ -19,6 +19,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 STEPS, BATCH, WEIGHT_DECAY = 600, 128, 1e-4
 
@@ -43,6 +44,7 @@ def variants():
                          optax.scale_by_learning_rate(decay(0.1, 1e-3)))
     return make
 
+  from _lra_authors_order import lra_authors_order
   newton = dict(curvature="newton")
   return {
       "adam": (lambda steps: optax.adamw(optax.cosine_decay_schedule(3e-2, steps),
@@ -53,6 +55,10 @@ def variants():
       "lra_decay0": (ready(psgd.lra(rank=10, lipschitz_decay=0.0), 1e-2), False),
       "lra_decay0_p1": (ready(psgd.lra(rank=10, lipschitz_decay=0.0, update_probability=1.0),
                               1e-2), False),
+      # The authors' code's factor order, Q = (I + UVᵀ)diag(d) (benchmarks/_lra_authors_order.py).
+      "lra_authors_order": (ready(lra_authors_order(rank=10), 1e-2), False),
+      "lra_authors_order_decay0": (ready(lra_authors_order(rank=10, lipschitz_decay=0.0), 1e-2),
+                                   False),
       "lra_newton": (ready(psgd.lra(rank=10, **newton), 0.1), True),
       "lra_paper": (paper(lambda step: psgd.lra(rank=5, precond_lr=step,
                                                 update_probability=1.0, **newton)), True),
