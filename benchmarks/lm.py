@@ -219,14 +219,20 @@ def compile_once(config, name, data):
   print(json.dumps({"compile": run.compile_seconds}))
 
 
+def run_path(config, name, peak, seed, args):
+  """Where ``cached_run`` keeps a run (``None`` without ``--runs-dir``)."""
+  if not args.runs_dir:
+    return None
+  return os.path.join(args.runs_dir, f"{name}_lr{peak:g}_seed{seed}_steps{config.steps}"
+                      f"_batch{config.batch}_eval{config.eval_every}.json")
+
+
 def cached_run(config, name, peak, seed, data, args):
   """``gpt.train_run``, kept in ``--runs-dir`` (one JSON per run, with the commit it ran
   on) so that a protocol of many CPU-hours can resume where a process stopped."""
-  path = None
-  if args.runs_dir:
+  path = run_path(config, name, peak, seed, args)
+  if path is not None:
     os.makedirs(args.runs_dir, exist_ok=True)
-    path = os.path.join(args.runs_dir, f"{name}_lr{peak:g}_seed{seed}_steps{config.steps}"
-                        f"_batch{config.batch}_eval{config.eval_every}.json")
   kept = path is not None and os.path.exists(path)
   if not kept and args.kept_only:
     return None
@@ -254,7 +260,9 @@ def current_commit():
 
 def sweep_and_seeds(config, names, data, args):
   """Each optimizer in turn: its grid on the first seed, then the other seeds at its best
-  rate (kron also at its default rate, where that is not the best). With ``--kept-only``
+  rate (kron also at its default rate, where that is not the best), and at any other rate
+  of its grid whose seeds are all kept in ``--runs-dir`` (a rate run on every seed by hand,
+  such as a safer one beside a best rate that diverged on a seed). With ``--kept-only``
   an optimizer whose sweep misses a run has no ``best``, and a missing seed no curve."""
   curves, finals, best = {}, {}, {}
   for name in names:
@@ -269,6 +277,9 @@ def sweep_and_seeds(config, names, data, args):
     rates = {best[name]}
     if name == "kron":
       rates.add(gpt.default_kron_rate())
+    rates |= {peak for peak in GRIDS[name] if all(
+        (path := run_path(config, name, peak, seed, args)) and os.path.exists(path)
+        for seed in args.seeds)}
     for peak in sorted(rates):
       for seed in args.seeds:
         if (name, peak, seed) not in curves:
@@ -359,9 +370,15 @@ def protocol(config, names, data, times, args):
   """Sweep and seeds, then the table: each optimizer at its best rate (and kron at its
   default rate), mean over seeds, against AdamW's final validation loss."""
   curves, finals, best = sweep_and_seeds(config, names, data, args)
-  rows = [(name, best[name]) for name in names if name in best]
-  if "kron" in best and best["kron"] != gpt.default_kron_rate():
-    rows.insert(rows.index(("kron", best["kron"])) + 1, ("kron", gpt.default_kron_rate()))
+  # Each optimizer's best rate first, then its other rates with curves for every seed
+  # (kron's default rate, rates run on every seed by hand).
+  rows = []
+  for name in (name for name in names if name in best):
+    others = sorted(peak for peak in GRIDS[name] if peak != best[name] and all(
+        (name, peak, seed) in curves for seed in args.seeds))
+    if name == "kron" and gpt.default_kron_rate() not in others + [best[name]]:
+      others.append(gpt.default_kron_rate())
+    rows += [(name, best[name])] + [(name, peak) for peak in others]
   complete = lambda row: all((*row, seed) in curves for seed in args.seeds)
   missing = [f"{name}@{peak:g}" for name, peak in rows if not complete((name, peak))]
   missing += [f"{name} (sweep)" for name in names if name not in best]
