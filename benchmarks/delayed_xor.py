@@ -169,9 +169,9 @@ def main():
       if "adam" in args.only:
         runs += [(f"adam lr={lr:g}", lr) for lr in adam_lrs]
       # Fewer runs than workers: each run's seeds are split into groups, one job each (a
-      # seed's run does not depend on which seeds share its vmap).
+      # seed's run is the same in any group, up to the rounding of batched kernels).
       groups = np.array_split(np.array(seeds), max(1, min(len(seeds),
-                                                          args.workers // len(runs))))
+                                                          args.workers // max(1, len(runs)))))
       jobs = [(name, adam_lr, length, tuple(int(s) for s in group), args.max_steps,
                args.log_seeds, args.checkpoint_dir)
               for name, adam_lr in runs for group in groups]
