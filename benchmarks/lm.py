@@ -14,7 +14,8 @@
    the compiled step (arguments + outputs + temporaries − aliased).
 2. Sweep: every optimizer over its learning-rate grid (``--grid NAME=LR,LR,...`` replaces
    one), seed 0, warmup + cosine (examples/gpt.py's schedule).
-3. Seeds: each optimizer's best rate again on the other ``--seeds``.
+3. Seeds: each optimizer's best rate again on the other ``--seeds``; any other rate whose
+   runs on every seed are kept in ``--runs-dir`` also gets a row.
 
 Prints, per optimizer: best peak rate, mean final validation loss over seeds, steps and
 seconds (steps × the interleaved step time + compile) to reach AdamW's final validation
