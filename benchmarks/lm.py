@@ -264,8 +264,10 @@ def sweep_and_seeds(config, names, data, args):
   rate (kron also at its default rate, where that is not the best), and at any other rate
   of its grid whose seeds are all kept in ``--runs-dir`` (a rate run on every seed by hand,
   such as a safer one beside a best rate that diverged on a seed). With ``--kept-only``
-  an optimizer whose sweep misses a run has no ``best``, and a missing seed no curve."""
-  curves, finals, best = {}, {}, {}
+  an optimizer whose sweep misses a run has no ``best``, and a missing seed no curve.
+  Returns ``(curves, finals, best, rows)``, ``rows`` the ``(name, rate)`` pairs the seeds
+  ran at, each optimizer's best first."""
+  curves, finals, best, rows = {}, {}, {}, []
   for name in names:
     for peak in GRIDS[name]:
       result = cached_run(config, name, peak, args.seeds[0], data, args)
@@ -275,19 +277,20 @@ def sweep_and_seeds(config, names, data, args):
     if any((name, peak) not in finals for peak in GRIDS[name]):
       continue
     best[name] = min(GRIDS[name], key=lambda p, n=name: finals[(n, p)])
-    rates = {best[name]}
-    if name == "kron":
-      rates.add(gpt.default_kron_rate())
-    rates |= {peak for peak in GRIDS[name] if all(
+    others = {peak for peak in GRIDS[name] if all(
         (path := run_path(config, name, peak, seed, args)) and os.path.exists(path)
         for seed in args.seeds)}
-    for peak in sorted(rates):
+    if name == "kron":
+      others.add(gpt.default_kron_rate())
+    rates = [best[name]] + sorted(others - {best[name]})
+    for peak in rates:
       for seed in args.seeds:
         if (name, peak, seed) not in curves:
           result = cached_run(config, name, peak, seed, data, args)
           if result is not None:
             curves[(name, peak, seed)] = result
-  return curves, finals, best
+    rows += [(name, peak) for peak in rates]
+  return curves, finals, best, rows
 
 
 def main(argv=None):
@@ -370,16 +373,7 @@ def save_plot(per_row, times, target, path):
 def protocol(config, names, data, times, args):
   """Sweep and seeds, then the table: each optimizer at its best rate (and kron at its
   default rate), mean over seeds, against AdamW's final validation loss."""
-  curves, finals, best = sweep_and_seeds(config, names, data, args)
-  # Each optimizer's best rate first, then its other rates with curves for every seed
-  # (kron's default rate, rates run on every seed by hand).
-  rows = []
-  for name in (name for name in names if name in best):
-    others = sorted(peak for peak in GRIDS[name] if peak != best[name] and all(
-        (name, peak, seed) in curves for seed in args.seeds))
-    if name == "kron" and gpt.default_kron_rate() not in others + [best[name]]:
-      others.append(gpt.default_kron_rate())
-    rows += [(name, best[name])] + [(name, peak) for peak in others]
+  curves, finals, best, rows = sweep_and_seeds(config, names, data, args)
   complete = lambda row: all((*row, seed) in curves for seed in args.seeds)
   missing = [f"{name}@{peak:g}" for name, peak in rows if not complete((name, peak))]
   missing += [f"{name} (sweep)" for name in names if name not in best]
