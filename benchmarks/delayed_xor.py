@@ -50,7 +50,7 @@ import _rnn_tasks  # noqa: E402
 import delayed_xor as delayed_xor_example  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _lra_authors_order import lra_authors_order  # noqa: E402
+from _lra_authors_order import demo_curvature, lra_authors_order  # noqa: E402
 
 
 # LRA fitted as the papers' experiments and the authors' delayed-XOR demo do, one change at a
@@ -63,7 +63,13 @@ LRA_RECIPES = {
     "paper_init1": lambda: psgd.lra(rank=10, curvature="newton", init_scale=1.0, **_PAPER_FIT),
     # ... with the authors' code's factor order, Q = (I + UVᵀ)diag(d)
     "authors_order": lambda: lra_authors_order(rank=10, curvature="newton", **_PAPER_FIT),
+    # ... and the rest of the authors' 2022 UVd class: Q = I at first, U and V drawn 10×
+    # larger, factor steps normalized by their generators' exact norms
+    "authors_code": lambda: lra_authors_order(rank=10, curvature="newton", init_scale=1.0,
+                                              authors_code=True, **_PAPER_FIT),
 }
+# ... and the demo's Hessian-vector products: exact for 1000 steps, then forward differences
+_DEMO_CODE = "authors_code_fd"
 
 
 def methods(adam_lr):
@@ -73,6 +79,9 @@ def methods(adam_lr):
   for recipe, make in LRA_RECIPES.items():
     table[f"psgd.lra newton {recipe}"] = (
         _rnn_tasks.psgd_newton(optax.flatten(make())), "flat")
+  table[f"psgd.lra newton {_DEMO_CODE}"] = (
+      _rnn_tasks.psgd_newton(optax.flatten(demo_curvature(LRA_RECIPES["authors_code"]()))),
+      "flat")
   return table
 
 
@@ -135,11 +144,12 @@ def main():
   parser.add_argument("--seeds", type=int, default=10, help="seeds 0 … N−1")
   parser.add_argument("--seed-list", type=int, nargs="+", default=None,
                       help="these seeds instead of 0 … N−1")
-  parser.add_argument("--lra-recipes", nargs="+", choices=["default", *LRA_RECIPES],
+  parser.add_argument("--lra-recipes", nargs="+", choices=["default", *LRA_RECIPES, _DEMO_CODE],
                       default=["default"],
                       help="LRA's settings: the example's (default), the papers' fit on every "
                       "step (paper), with Q = I at first (paper_init1), with the authors' "
-                      "factor order (authors_order)")
+                      "factor order (authors_order), as the authors' 2022 code (authors_code), and with its demo's "
+                      "finite-difference products after step 1000 (authors_code_fd)")
   parser.add_argument("--max-steps", type=int, default=20_000)
   parser.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
   parser.add_argument("--workers", type=int, default=os.cpu_count())

@@ -59,6 +59,13 @@ def variants():
       "lra_authors_order": (ready(lra_authors_order(rank=10), 1e-2), False),
       "lra_authors_order_decay0": (ready(lra_authors_order(rank=10, lipschitz_decay=0.0), 1e-2),
                                    False),
+      # The authors' 2022 UVd class (Q = I at first, U and V drawn 10× larger, steps normalized
+      # by their generators' exact norms), whitening in the ready chain and in paper 002's recipe.
+      "lra_authors_code": (ready(lra_authors_order(rank=10, lipschitz_decay=0.0, init_scale=1.0,
+                                                   authors_code=True), 1e-2), False),
+      "lra_paper_authors_code": (paper(lambda step: lra_authors_order(
+          rank=5, precond_lr=step, update_probability=1.0, lipschitz_decay=0.0, init_scale=1.0,
+          authors_code=True, **newton)), True),
       "lra_newton": (ready(psgd.lra(rank=10, **newton), 0.1), True),
       "lra_paper": (paper(lambda step: psgd.lra(rank=5, precond_lr=step,
                                                 update_probability=1.0, **newton)), True),
