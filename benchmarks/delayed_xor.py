@@ -114,7 +114,7 @@ def _job(args):
   progress = None
   if log:
     progress = lambda step, steps, losses: print(
-        f"# length {length} {name}: step {step}, solved "
+        f"# length {length} {name}, seeds {' '.join(map(str, seeds))}: step {step}, solved "
         f"{sum(count is not None for count in steps)}/{len(seeds)}: "
         f"{' '.join(str(count or '-') for count in steps)}", flush=True)
   began = time.perf_counter()
