@@ -57,6 +57,13 @@ from _lra_authors_order import demo_curvature, lra_authors_order  # noqa: E402
 # time against the example's settings (update probability 0.1, precond_lr 0.1, a Lipschitz
 # estimate with memory 0.9): a fit on every step at step 0.01, each normalized on its own.
 _PAPER_FIT = dict(update_probability=1.0, precond_lr=0.01, lipschitz_decay=0.0)
+
+
+def _authors_code():
+  return lra_authors_order(rank=10, curvature="newton", init_scale=1.0, authors_code=True,
+                           **_PAPER_FIT)
+
+
 LRA_RECIPES = {
     "paper": lambda: psgd.lra(rank=10, curvature="newton", **_PAPER_FIT),
     # ... with the demo's initial Q = I instead of a scale set from the first pair
@@ -65,11 +72,10 @@ LRA_RECIPES = {
     "authors_order": lambda: lra_authors_order(rank=10, curvature="newton", **_PAPER_FIT),
     # ... and the rest of the authors' 2022 UVd class: Q = I at first, U and V drawn 10×
     # larger, factor steps normalized by their generators' exact norms
-    "authors_code": lambda: lra_authors_order(rank=10, curvature="newton", init_scale=1.0,
-                                              authors_code=True, **_PAPER_FIT),
+    "authors_code": _authors_code,
+    # ... and its demo's Hessian-vector products: exact for 1000 steps, then forward differences
+    "authors_code_fd": lambda: demo_curvature(_authors_code()),
 }
-# ... and the demo's Hessian-vector products: exact for 1000 steps, then forward differences
-_DEMO_CODE = "authors_code_fd"
 
 
 def methods(adam_lr):
@@ -79,9 +85,6 @@ def methods(adam_lr):
   for recipe, make in LRA_RECIPES.items():
     table[f"psgd.lra newton {recipe}"] = (
         _rnn_tasks.psgd_newton(optax.flatten(make())), "flat")
-  table[f"psgd.lra newton {_DEMO_CODE}"] = (
-      _rnn_tasks.psgd_newton(optax.flatten(demo_curvature(LRA_RECIPES["authors_code"]()))),
-      "flat")
   return table
 
 
@@ -144,12 +147,13 @@ def main():
   parser.add_argument("--seeds", type=int, default=10, help="seeds 0 … N−1")
   parser.add_argument("--seed-list", type=int, nargs="+", default=None,
                       help="these seeds instead of 0 … N−1")
-  parser.add_argument("--lra-recipes", nargs="+", choices=["default", *LRA_RECIPES, _DEMO_CODE],
+  parser.add_argument("--lra-recipes", nargs="+", choices=["default", *LRA_RECIPES],
                       default=["default"],
                       help="LRA's settings: the example's (default), the papers' fit on every "
                       "step (paper), with Q = I at first (paper_init1), with the authors' "
-                      "factor order (authors_order), as the authors' 2022 code (authors_code), and with its demo's "
-                      "finite-difference products after step 1000 (authors_code_fd)")
+                      "factor order (authors_order), as the authors' 2022 code "
+                      "(authors_code), and with its demo's finite-difference products after "
+                      "step 1000 (authors_code_fd)")
   parser.add_argument("--max-steps", type=int, default=20_000)
   parser.add_argument("--adam-lrs", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
   parser.add_argument("--workers", type=int, default=os.cpu_count())
