@@ -16,6 +16,8 @@ to its innermost frame; instructions with no frame (XLA:CPU's halves of a split 
 StableHLO, XLA; each in a fresh process, ``--repeats`` times in interleaved rounds, the
 median), the kernels (total, distinct, the fit's share) and the top origins. ``sgd``
 (``optax.sgd``) is the model's own compile: an optimizer's cost is what it adds to it.
+``kron_nofit`` is kron's step with the fit's ``lax.cond`` reduced to the branch that keeps
+``Q`` (a patch in its own process, not an option): the difference to ``kron`` is the fit's.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ def parse_args(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--optimizers", nargs="+", default=["sgd", "adamw", "kron"],
-                      help="examples/gpt.py's optimizer names, or sgd (the model alone)")
+                      help="examples/gpt.py's optimizer names, sgd (the model alone), or "
+                      "kron_nofit (kron's step without its fit)")
   parser.add_argument("--repeats", type=int, default=3,
                       help="fresh-process compiles per optimizer, in interleaved rounds")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
@@ -107,6 +110,11 @@ def measure_one(name, args):
   import jax.numpy as jnp
   import optax
   import gpt
+  if name == "kron_nofit":
+    # kron's step as if it never fitted Q: the fit's lax.cond keeps only its other branch
+    # (this process only). kron's compile less this one is what the fit costs.
+    jax.lax.cond = lambda pred, fit, keep, *operands: keep(*operands)
+    name = "kron"
   jax.jit(lambda x: x + 1).lower(jnp.ones(2)).compile()  # XLA's one-time start-up
   config = gpt.parse_args(["--batch", str(args.batch), "--no-progress", "--no-plot"])
   data = gpt.split_text(gpt.load_text())
@@ -150,16 +158,19 @@ def main(argv=None):
   print(f"byte GPT of examples/gpt.py, batch {args.batch}; each step's first compile in a "
         f"fresh process, median of {args.repeats} (s); kernels: what XLA:CPU runs, distinct: "
         "after it reuses one kernel for identical ones")
-  print(f"{'optimizer':<12}{'trace':>7}{'lower':>7}{'XLA':>7}{'total':>7}{'over sgd':>9}"
-        f"{'kernels':>9}{'distinct':>9}{'in fit':>8}")
+  print(f"{'optimizer':<12}{'trace':>7}{'lower':>7}{'XLA':>7}{'total':>7}{'vs adamw':>9}"
+        f"{'over sgd':>9}{'kernels':>9}{'distinct':>9}{'in fit':>8}")
   medians = {name: np.median([r["phases"] for r in runs], axis=0)
              for name, runs in results.items()}
   model = medians["sgd"].sum() if "sgd" in medians else None
+  adamw = medians["adamw"].sum() if "adamw" in medians else None
   for name, runs in results.items():
     trace, lower, xla = medians[name]
-    over = "" if model is None else f"{trace + lower + xla - model:.2f}"
+    total = trace + lower + xla
+    over = "" if model is None else f"{total - model:.2f}"
+    ratio = "" if adamw is None else f"{total / adamw:.2f}"
     last = runs[-1]
-    print(f"{name:<12}{trace:>7.2f}{lower:>7.2f}{xla:>7.2f}{trace + lower + xla:>7.2f}"
+    print(f"{name:<12}{trace:>7.2f}{lower:>7.2f}{xla:>7.2f}{total:>7.2f}{ratio:>9}"
           f"{over:>9}{last['kernels']:>9}{last['distinct']:>9}{last['fit'] or '':>8}")
   for name, runs in results.items():
     print(f"\n{name}: kernels by origin")
