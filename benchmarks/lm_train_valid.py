@@ -31,6 +31,8 @@ def parse_args(argv=None):
   parser.add_argument("--steps", type=int, default=2000, help="training steps per run")
   parser.add_argument("--eval-every", type=int, default=50, help="steps between rows")
   parser.add_argument("--workers", type=int, default=2, help="runs trained at once")
+  parser.add_argument("--rows", type=int, nargs="+", default=None,
+                      help="print only these steps' rows (default: every row)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
@@ -98,6 +100,8 @@ def main(argv=None):
   print(f"{'step':>6}" + "".join(f"{spec:>26}" for spec in args.runs))
   print(f"{'':>6}" + "".join(f"{'train':>13}{'valid':>13}" for _ in args.runs))
   for i, row in enumerate(results[args.runs[0]]):
+    if args.rows is not None and row[0] not in args.rows:
+      continue
     print(f"{row[0]:>6}" + "".join(f"{results[s][i][1]:>13.4f}{results[s][i][2]:>13.4f}"
                                    for s in args.runs))
 
