@@ -19,7 +19,10 @@ import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-OPTIMIZERS = ("kron", "muon", "adamw")
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, "..", "examples"))
+
+from gpt import OPTIMIZERS  # noqa: E402  (gpt loads JAX only when it trains)
 
 
 def parse_args(argv=None):
@@ -32,39 +35,20 @@ def parse_args(argv=None):
   parser.add_argument("--eval-every", type=int, default=50, help="steps between rows")
   parser.add_argument("--workers", type=int, default=2, help="runs trained at once")
   parser.add_argument("--rows", type=int, nargs="+", default=None,
-                      help="print only these steps' rows (default: every row)")
+                      help="print only these steps' rows (None: every row)")
   parser.add_argument("--one", default=None, help=argparse.SUPPRESS)
   return parser.parse_args(argv)
 
 
-def make_tx(name, peak, weight_decay, steps):
-  """``name`` on ``examples/gpt.py``'s schedule with its other settings, at ``weight_decay``."""
-  import optax
-
-  import gpt
-  import psgd_optax as psgd
-  schedule = gpt.warmup_cosine(peak, steps)
-  if name == "kron":
-    return psgd.optimizers.kron(learning_rate=schedule, weight_decay=weight_decay)
-  if name == "muon":
-    return optax.contrib.muon(
-        schedule, weight_decay=weight_decay,
-        adam_learning_rate=gpt.warmup_cosine(gpt.MUON_ADAM_RATE, steps), adam_b2=0.95,
-        adam_weight_decay=0.1)
-  return optax.adamw(schedule, b2=0.95, weight_decay=weight_decay)
-
-
 def train_one(spec, args):
   """In this process: the run ``spec``; one JSON line of ``[step, train, valid]`` rows."""
-  sys.path.insert(0, HERE)
-  sys.path.insert(0, os.path.join(HERE, "..", "examples"))
   import gpt
   import lm
   name, peak, weight_decay = spec.split(":")
   config = lm.model_args(lm.parse_args(["--steps", str(args.steps)]))
   data = gpt.split_text(gpt.load_text())
-  run = gpt.Run(config, name, float(peak), args.seed, *data,
-                tx=make_tx(name, float(peak), float(weight_decay), args.steps))
+  tx = gpt.make_optimizer(name, float(peak), args.steps, weight_decay=float(weight_decay))
+  run = gpt.Run(config, name, float(peak), args.seed, *data, tx=tx)
   rows, step = [], 0
   while step < args.steps:
     count = min(args.eval_every, args.steps - step)

@@ -150,9 +150,11 @@ def default_kron_rate() -> float:
   return inspect.signature(psgd.optimizers.kron).parameters["learning_rate"].default
 
 
-def make_optimizer(name, peak, steps, **options):
+def make_optimizer(name, peak, steps, weight_decay=0.1, **options):
   """The optimizer ``name`` on the :func:`warmup_cosine` schedule to ``peak`` (``None``:
-  the ready optimizer's own default learning rate); ``options`` go to the PSGD ones."""
+  the ready optimizer's own default learning rate) with decoupled ``weight_decay`` (the
+  Newton type's scaled as below; Muon's Adam part keeps 0.1); ``options`` go to the PSGD
+  ones."""
   import optax
 
   import psgd_optax as psgd
@@ -160,20 +162,22 @@ def make_optimizer(name, peak, steps, **options):
     peak = default_kron_rate()
   schedule = warmup_cosine(peak, steps)
   if name == "kron":
-    return psgd.optimizers.kron(learning_rate=schedule, weight_decay=0.1, **options)
+    return psgd.optimizers.kron(learning_rate=schedule, weight_decay=weight_decay, **options)
   if name == "kron_newton":
     # Decoupled weight decay pulls against the step as λ·|θ| against |P g|, whatever η. The
     # whitened direction (like AdamW's) has RMS about 1, a Newton step about 1e-3 on this
     # model: at λ = 0.1 the loss stalls near 3.4 (BENCHMARKS.md). λ = 1e-3/peak is what the
     # protocol ran: 3.3e-3 at the default peak, 0.3; at its low rates it was too strong.
     return psgd.optimizers.kron(learning_rate=schedule, curvature="newton",
-                                weight_decay=0.1 * default_kron_rate() / peak, **options)
+                                weight_decay=weight_decay * default_kron_rate() / peak,
+                                **options)
   if name == "adamw":
-    return optax.adamw(schedule, b2=0.95, weight_decay=0.1)
+    return optax.adamw(schedule, b2=0.95, weight_decay=weight_decay)
   if name == "muon":
     # Muon orthogonalizes the 2-D weights (the tied embedding too); the rest takes Adam.
     adam_schedule = warmup_cosine(MUON_ADAM_RATE, steps)
-    return optax.contrib.muon(schedule, weight_decay=0.1, adam_learning_rate=adam_schedule,
+    return optax.contrib.muon(schedule, weight_decay=weight_decay,
+                              adam_learning_rate=adam_schedule,
                               adam_b2=0.95, adam_weight_decay=0.1)
   raise ValueError(f"unknown optimizer {name!r}; choose from {OPTIMIZERS}")
 
